@@ -1,7 +1,7 @@
 """Fine-tune the base model once on every source task and save each model: the shared first step of the
 default index (ESMs fitted to these models) and of the ground truth (targets fine-tuned from them).
 
-    python tools/finetune_sources.py data/tasks data/models [--epochs 1] [--max-examples 1000]
+    python tools/finetune_sources.py data/tasks data/models [--epochs 1] [--max-examples 500]
 
 Resumable: a source whose folder holds `done.json` is skipped. Runs in the background; prints one line
 per source to stderr.
@@ -26,7 +26,7 @@ def main():
     parser.add_argument("models", type=Path, help="where to save one fine-tuned model per source")
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument("--epochs", type=float, default=1.0)
-    parser.add_argument("--max-examples", type=int, default=1000)
+    parser.add_argument("--max-examples", type=int, default=500)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--only", nargs="*", help="only these sources")
     args = parser.parse_args()
