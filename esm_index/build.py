@@ -7,14 +7,17 @@ same in this process or on a Dask worker; only the caller writes the result to L
 import hashlib
 import json
 import time
-from dataclasses import asdict, dataclass, field
+from collections import Counter
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
 
 import numpy as np
 
-from .data import SOURCE_MAX_EXAMPLES, read_task
+from .data import SOURCE_MAX_EXAMPLES, read_rows, read_task
+from .errors import ESMIndexError
 from .esm import ESM, ESMFitConfig
 from .finetune import FinetuneConfig
-from .prefilter import VECTOR_KEY, PrefilterConfig, source_vector
+from .prefilter import PrefilterConfig, source_arrays
 from .store import SourceRecord
 
 
@@ -32,22 +35,86 @@ class SourceSpec:
     seed: int = 0
 
 
+TASK_SUFFIXES = (".csv", ".tsv", ".jsonl", ".ndjson")
+MANIFEST_SUFFIXES = (".json", ".jsonl", ".ndjson")
+
+
+def read_sources(path):
+    """The sources of a build: every task file in a folder, named by its stem, or the entries of a
+    manifest (a .json list, or .jsonl lines, of objects with `SourceSpec` fields; `path` and `finetuned`
+    relative to the manifest's folder)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.iterdir() if f.is_file() and f.suffix.lower() in TASK_SUFFIXES)
+        if not files:
+            raise ESMIndexError(f"{path}: no task files ({', '.join(TASK_SUFFIXES)}) in this folder")
+        specs = [SourceSpec(file.stem, str(file)) for file in files]
+    elif path.suffix.lower() in MANIFEST_SUFFIXES:
+        specs = [manifest_spec(path, number, entry) for number, entry in enumerate(manifest_entries(path), 1)]
+    else:
+        raise ESMIndexError(f"{path}: not a folder of task files nor a .json or .jsonl manifest")
+    repeated = sorted(name for name, count in Counter(spec.name for spec in specs).items() if count > 1)
+    if repeated:
+        raise ESMIndexError(f"{path}: more than one source named {', '.join(map(repr, repeated))}")
+    return specs
+
+
+def manifest_entries(path):
+    """The raw entries of a manifest: one JSON list, or one object per JSONL line."""
+    if path.suffix.lower() != ".json":
+        return read_rows(path)
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8-sig"))
+    except FileNotFoundError:
+        raise ESMIndexError(f"{path}: no such file") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ESMIndexError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(entries, list) or not entries:
+        raise ESMIndexError(f"{path}: a manifest holds a non-empty JSON list of sources")
+    return entries
+
+
+def manifest_spec(manifest, number, entry):
+    """A manifest entry checked field by field against `SourceSpec`'s types."""
+    where = f"{manifest}: source {number}"
+    if not isinstance(entry, dict):
+        raise ESMIndexError(f"{where}: expected a JSON object")
+    types = {f.name: f.type for f in fields(SourceSpec)}
+    unknown = sorted(set(entry) - set(types))
+    if unknown:
+        raise ESMIndexError(f"{where}: unknown field(s) {', '.join(unknown)} (known: {', '.join(types)})")
+    for key in ("name", "path"):
+        if key not in entry:
+            raise ESMIndexError(f"{where}: missing {key!r}")
+    for key, value in entry.items():
+        kind = types[key]
+        if not isinstance(value, kind) or (isinstance(value, bool) and kind is not bool):
+            raise ESMIndexError(f"{where}: {key!r} must be {getattr(kind, '__name__', kind)}, got {value!r}")
+    if entry.get("max_examples", 1) < 1:
+        raise ESMIndexError(f"{where}: 'max_examples' must be positive")
+    spec = SourceSpec(**entry)
+    spec.path = str(manifest.parent / spec.path)
+    if spec.finetuned:
+        spec.finetuned = str(manifest.parent / spec.finetuned)
+    return spec
+
+
 @dataclass
 class BuildSettings:
-    """What every source of one index shares: its base model, storage precision and fitting settings."""
+    """What every source of one index shares: its base model, ESM storage form and fitting settings."""
 
     base_model: str
     pooling: str
     dim: int
     prefilter: dict
-    dtype: str = "float32"
+    storage: str = "float32"  # see esm.check_storage
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     esm: ESMFitConfig = field(default_factory=ESMFitConfig)
 
     @classmethod
     def from_meta(cls, meta, finetune=None, esm=None):
         return cls(
-            meta["base_model"], meta["pooling"], meta["dim"], meta["prefilter"], meta.get("dtype", "float32"),
+            meta["base_model"], meta["pooling"], meta["dim"], meta["prefilter"], meta.get("storage", "float32"),
             finetune or FinetuneConfig(), esm or ESMFitConfig(),
         )
 
@@ -66,8 +133,9 @@ def content_hash(spec, settings):
 def esm_record(name, esm, settings, base_embeddings=None, info=None):
     """The store record of an ESM: its arrays, its prefilter vector and, given the source's base
     embeddings, summary statistics of the mapped embeddings (mean and spread) and of the base ones."""
-    basis = PrefilterConfig(**settings.prefilter).basis(settings.dim)
-    arrays = {**esm.to_arrays(settings.dtype), VECTOR_KEY: source_vector(esm.weight, basis)}
+    arrays = esm.to_arrays(settings.storage)
+    stored = ESM.from_arrays(arrays)  # the prefilter sketches the map as stored (float16, low-rank), as rescored
+    arrays.update(source_arrays(stored.weight, stored.bias, PrefilterConfig(**settings.prefilter), settings.dim))
     if base_embeddings is not None:
         mapped = esm.apply(base_embeddings)
         arrays.update({

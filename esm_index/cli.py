@@ -1,11 +1,12 @@
 """The `esm-index` command line. Results go to stdout (a table, or JSON with --json); progress and
 errors to stderr. Every error is one line and a non-zero exit code."""
 
+import datetime
 import functools
 import json
 import sys
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 from rich.console import Console
@@ -29,6 +30,8 @@ QUIET = typer.Option(False, "--quiet", "-q", help="No progress bars.")
 TEXT_COLUMN = typer.Option(None, help="Text column; two joined by a comma are read as a text pair.")
 LABEL_COLUMN = typer.Option(None, help="Label column.")
 REGRESSION = typer.Option(False, "--regression", help="Labels are numbers (regression), not classes.")
+EPOCHS = typer.Option(3.0, help="Fine-tuning epochs (fewer for quick builds).")
+FIT = typer.Option("lstsq", help="ESM fit: lstsq (exact ridge) | adamw (the paper's optimiser).")
 
 
 def command(name=None):
@@ -77,14 +80,16 @@ def init(
     base_model: str = typer.Option("sentence-transformers/all-MiniLM-L6-v2", help="Model folder or packaged name."),
     dim: Optional[int] = typer.Option(None, help="Embedding dimension; when given, the model is not loaded now."),
     pooling: Optional[str] = typer.Option(None, help="mean | pooler | cls (default: by model kind)."),
-    dtype: str = typer.Option("float32", help="Storage precision of ESMs: float32 | float16."),
+    storage: str = typer.Option("float32", help="How records keep each ESM: float32 | float16 | triangular-float16 "
+                                                "| triangular-int8 (R of [W, b] = QR: same ranking, 25% / 13%)."),
 ):
     """Create an empty index for one base model."""
     from .index import ESMIndex
 
-    with ESMIndex.create(index, base_model, dim, pooling, dtype) as created:
+    with ESMIndex.create(index, base_model, dim, pooling, storage) as created:
         meta = created.meta
-    err.print(f"created {index} (base model {meta['base_model']}, dim {meta['dim']}, pooling {meta['pooling']})")
+    err.print(f"created {index} (base model {meta['base_model']}, dim {meta['dim']}, pooling {meta['pooling']}, "
+              f"storage {meta['storage']})")
 
 
 @command()
@@ -97,8 +102,8 @@ def add(
     label_column: Optional[str] = LABEL_COLUMN,
     regression: bool = REGRESSION,
     max_examples: int = typer.Option(10_000, help="Seeded sample cap on source examples."),
-    epochs: float = typer.Option(3.0, help="Fine-tuning epochs (fewer for quick builds)."),
-    fit: str = typer.Option("lstsq", help="ESM fit: lstsq (exact ridge) | adamw (the paper's optimiser)."),
+    epochs: float = EPOCHS,
+    fit: str = FIT,
     seed: int = typer.Option(0, help="Seed for sampling and training."),
     quiet: bool = QUIET,
 ):
@@ -116,6 +121,67 @@ def add(
             progress=lambda fraction: bar.update(task, completed=100 * fraction),
         )
     err.print(f"{outcome} source {name!r}")
+
+
+@command()
+def build(
+    index: Path = INDEX,
+    sources: Path = typer.Argument(..., help="A folder of task files (name = file stem), or a .json/.jsonl "
+                                             "manifest of sources (name, path, text_column, label_column, ...)."),
+    executor: str = typer.Option("local", help="local (this process) | dask."),
+    scheduler: Optional[str] = typer.Option(None, help="Dask scheduler address (default: a local cluster)."),
+    workers: Optional[int] = typer.Option(None, help="Worker processes of the local Dask cluster (default 2)."),
+    epochs: float = EPOCHS,
+    fit: str = FIT,
+    seed: int = typer.Option(0, help="Seed for training."),
+    as_json: bool = JSON,
+    quiet: bool = QUIET,
+):
+    """Add every source of a folder or manifest, prepared here or on Dask workers and committed one by one;
+    sources stored from the same content are skipped, so a rerun resumes. Exit 1 if any source failed."""
+    from .build import read_sources
+    from .esm import ESMFitConfig
+    from .executors import make_executor
+    from .finetune import FinetuneConfig
+
+    specs = read_sources(sources)
+    pool = make_executor(executor, scheduler, workers)
+    with open_index(index) as opened, pool:
+        status = opened.build(specs, pool, FinetuneConfig(epochs=epochs, seed=seed), ESMFitConfig(method=fit, seed=seed),
+                              progress=None if quiet else build_progress)
+    if as_json:
+        print_json(status.to_dict())
+    else:
+        table = Table()
+        for column in ("source", "result", "reason"):
+            table.add_column(column)
+        for name, result in status.results.items():
+            if result != "unchanged":
+                table.add_row(name, result, "")
+        for name, reason in status.failed.items():
+            table.add_row(name, "failed", reason)
+        if table.row_count:
+            out.print(table)
+        counts = ", ".join(f"{len(status.names(result))} {result}" for result in ("added", "replaced", "unchanged"))
+        out.print(f"{counts}, {len(status.failed)} failed in {clock(status.seconds)} ({status.per_hour:.0f} sources/h)",
+                  soft_wrap=True)
+    if status.failed:
+        fail(f"{len(status.failed)} of {status.total} sources failed: {', '.join(status.failed)}")
+
+
+def build_progress(status, name, result):
+    """One stderr line per prepared source: counts, sources per hour and the time left."""
+    if result == "unchanged":
+        return
+    finished = status.total - status.remaining
+    eta = "-" if status.eta is None else clock(status.eta)
+    err.print(f"[{finished}/{status.total}] {result} {name} | done {len(status.results)}, failed "
+              f"{len(status.failed)}, running {status.running} | {status.per_hour:.0f}/h, ETA {eta}",
+              markup=False, soft_wrap=True)
+
+
+def clock(seconds):
+    return str(datetime.timedelta(seconds=round(seconds)))
 
 
 @command()
@@ -224,4 +290,69 @@ def rename(index: Path = INDEX, old: str = typer.Argument(...), new: str = typer
     with open_index(index) as opened:
         opened.rename(old, new)
     err.print(f"renamed source {old!r} to {new!r}")
+
+
+@command()
+def verify(
+    index: Path = INDEX,
+    repair: bool = typer.Option(False, "--repair", help="Rebuild the derived parts (ids table, FAISS prefilter)."),
+    as_json: bool = JSON,
+):
+    """Check every record (decodes, shapes, finite, base model and dimension), the ids table and the saved
+    FAISS prefilter against the store. Exit 1 if something is wrong; --repair never deletes a record."""
+    with open_index(index, readonly=not repair) as opened:
+        report = opened.verify(repair)
+    if as_json:
+        print_json(report.to_dict())
+    else:
+        out.print(f"{report.path}: {report.sources} sources at generation {report.generation}", markup=False)
+        for kind, lines in (("repaired", report.repaired), ("note", report.notes), ("problem", report.problems)):
+            for line in lines:
+                out.print(f"{kind}: {line}", markup=False, soft_wrap=True)
+        out.print("ok" if report.ok else f"{len(report.problems)} problem(s)")
+    if not report.ok:
+        fail(f"{len(report.problems)} problem(s) in {index}; a damaged source can be removed and added again")
+
+
+@command("import-esm")
+def import_esm(
+    index: Path = INDEX,
+    folders: List[Path] = typer.Argument(..., help="hf-dataset-selector ESM folders (config.json, model.safetensors)."),
+    name: Optional[str] = typer.Option(None, help="Source name (one folder only; default: the config's task id "
+                                                  "and subset, else the folder's name)."),
+    base_model: Optional[str] = typer.Option(None, help="Base model of ESMs whose config names none."),
+):
+    """Import ESMs made elsewhere (current or legacy 0.1.0 layout); all are checked before any is stored."""
+    with open_index(index) as opened:
+        outcomes = opened.import_esm(folders, name, base_model)
+    for source, outcome in outcomes.items():
+        err.print(f"{outcome} source {source!r}")
+
+
+@command("export-esm")
+def export_esm(
+    index: Path = INDEX,
+    name: str = typer.Argument(..., help="Source to export."),
+    folder: Path = typer.Argument(..., help="New folder for config.json and model.safetensors."),
+):
+    """Write a source's ESM in hf-dataset-selector's format (its ESM.from_pretrained loads it)."""
+    with open_index(index, readonly=True) as opened:
+        opened.export_esm(name, folder)
+    err.print(f"exported source {name!r} to {folder}")
+
+
+@command()
+def serve(
+    index: Path = INDEX,
+    host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface)."),
+    port: int = typer.Option(8000, min=0, max=65535, help="Port to listen on."),
+    workers: int = typer.Option(1, min=1, help="Server processes, each with its own model and store handle."),
+    allow_writes: bool = typer.Option(False, "--allow-writes", help="Allow adding and removing sources over HTTP."),
+    max_body_mb: float = typer.Option(64.0, min=0.001, help="Largest request body accepted, in MB."),
+):
+    """Answer queries over HTTP with the base model and index held warm (OpenAPI schema at /docs)."""
+    from .serve import ServeConfig
+    from .serve import serve as run_server
+
+    run_server(ServeConfig(str(index), allow_writes, int(max_body_mb * 1e6)), host, port, workers)
 

@@ -1,6 +1,7 @@
 """Task files: CSV, TSV or JSONL with a text column (or two, read as a pair) and a label column."""
 
 import csv
+import io
 import json
 import math
 from dataclasses import dataclass
@@ -42,27 +43,27 @@ def read_rows(path):
         raise ESMIndexError(f"{path}: no such file")
     suffix = path.suffix.lower()
     try:
-        text = path.read_text(encoding="utf-8-sig")
+        text = path.read_bytes().decode("utf-8-sig")  # no newline translation: a quoted \r is data
     except UnicodeDecodeError as e:
         raise ESMIndexError(f"{path}: not UTF-8 text (byte {e.start})") from None
     if not text.strip():
         raise ESMIndexError(f"{path}: empty file")
     if suffix in (".jsonl", ".ndjson"):
         rows = []
-        for number, line in enumerate(text.splitlines(), 1):
+        for number, line in enumerate(text.split("\n"), 1):  # not splitlines(): JSON strings may hold U+2028
             if not line.strip():
                 continue
             try:
                 row = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise ESMIndexError(f"{path}:{number}: invalid JSON ({e.msg})") from None
+            except ValueError as e:  # a syntax error, or a number too long to convert
+                raise ESMIndexError(f"{path}:{number}: invalid JSON ({getattr(e, 'msg', e)})") from None
             if not isinstance(row, dict):
                 raise ESMIndexError(f"{path}:{number}: expected a JSON object per line")
             rows.append(row)
         return rows
     if suffix in (".csv", ".tsv"):
         try:
-            reader = csv.DictReader(text.splitlines(), delimiter="\t" if suffix == ".tsv" else ",")
+            reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="\t" if suffix == ".tsv" else ",")
             rows = list(reader)
         except csv.Error as e:
             raise ESMIndexError(f"{path}: malformed {suffix[1:].upper()} ({e})") from None
@@ -73,14 +74,15 @@ def read_rows(path):
 
 
 def _pick_column(path, columns, wanted, defaults, role):
+    listed = ", ".join(map(repr, columns))  # repr: a column name may hold a line break
     if wanted is not None:
         if wanted not in columns:
-            raise ESMIndexError(f"{path}: no {role} column {wanted!r} (columns: {', '.join(columns)})")
+            raise ESMIndexError(f"{path}: no {role} column {wanted!r} (columns: {listed})")
         return wanted
     for name in defaults:
         if name in columns:
             return name
-    raise ESMIndexError(f"{path}: no {role} column found; name it with --{role}-column (columns: {', '.join(columns)})")
+    raise ESMIndexError(f"{path}: no {role} column found; name it with --{role}-column (columns: {listed})")
 
 
 def _label(value, regression, path, number):
@@ -93,7 +95,7 @@ def _label(value, regression, path, number):
     values = value if isinstance(value, list) else [value]
     try:
         floats = [float(v) for v in values]
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise ESMIndexError(f"{path}: row {number} has a non-numeric regression label {value!r}") from None
     if not all(math.isfinite(v) for v in floats):
         raise ESMIndexError(f"{path}: row {number} has a non-finite regression label {value!r}")
@@ -117,7 +119,7 @@ def read_task(path, text_column=None, label_column=None, regression=False, max_e
         for column in text_columns:
             value = row.get(column)
             if not isinstance(value, str) or not value.strip():
-                raise ESMIndexError(f"{path}: row {number} has an empty or missing {column!r}")
+                raise ESMIndexError(f"{path}: row {number}: {column!r} is empty, missing or not text")
             parts.append(value.strip())
         texts.append(parts[0] if len(parts) == 1 else tuple(parts))
         labels.append(_label(row.get(label_col), regression, path, number))

@@ -1,4 +1,15 @@
-"""Embedding Space Maps: the affine map f(x) = W x + b from base to fine-tuned embeddings."""
+"""Embedding Space Maps: the affine map f(x) = W x + b from base to fine-tuned embeddings.
+
+Three concerns, top to bottom:
+- fitting: the exact ridge least-squares map (default; its ridge term chosen by generalized
+  cross-validation), or the paper's Linear(d, d) trained by AdamW; either way the held-out R^2, MSE
+  and cosine of the fit are kept in the ESM's config;
+- storage forms: how a store record encodes the map, chosen per index (STORAGE_FORMS);
+  `to_arrays` / `from_arrays` are the only code that encodes or decodes a stored ESM;
+- hf-dataset-selector interop: its folders (`config.json` + `model.safetensors`, keys `model.*`, or
+  `sequential.0.*` in the legacy 0.1.0 layout), read strictly and written so its `ESM.from_pretrained`
+  loads them.
+"""
 
 import json
 import time
@@ -10,14 +21,16 @@ import numpy as np
 from .errors import ESMIndexError
 
 FIT_METHODS = ("lstsq", "adamw")
+RIDGE_GRID = np.logspace(-3, 0, 13)  # GCV's candidates, as fractions of the mean eigenvalue of Xc^T Xc
 
 
 @dataclass
 class ESMFitConfig:
-    """How to fit an ESM. `lstsq` is the exact ridge solution; `adamw` the paper's optimiser (MSE, 10 epochs)."""
+    """How to fit an ESM. `lstsq` is the exact ridge solution, with `ridge` as given or (None) chosen by
+    generalized cross-validation; `adamw` the paper's optimiser (MSE, 10 epochs, lr 1e-3)."""
 
     method: str = "lstsq"
-    ridge: float = 1e-2
+    ridge: float | None = None
     epochs: int = 10
     batch_size: int = 32
     learning_rate: float = 1e-3
@@ -40,6 +53,8 @@ class ESM:
         d = self.weight.shape[0] if self.weight.ndim == 2 else -1
         if self.weight.shape != (d, d) or self.bias.shape != (d,):
             raise ESMIndexError(f"ESM weight {self.weight.shape} and bias {self.bias.shape} are not (d, d) and (d,)")
+        if not (np.isfinite(self.weight).all() and np.isfinite(self.bias).all()):
+            raise ESMIndexError("ESM weight or bias contains NaN or infinity")
 
     @property
     def dim(self):
@@ -49,74 +64,127 @@ class ESM:
         """Mapped embeddings f(X) = X W^T + b."""
         return np.asarray(X, dtype=np.float32) @ self.weight.T + self.bias
 
+    # -- fitting ---------------------------------------------------------------------------------
     @classmethod
     def fit(cls, X, Y, config=None):
-        """Fit X -> Y; records held-out R^2 and MSE (on a seeded split) and then refits on all rows."""
+        """Fit X -> Y. The fit's quality is measured on a seeded held-out split, then the map is refitted
+        on all rows; `config["fit"]` records both, and the seconds of the final fit."""
         config = config or ESMFitConfig()
         if config.method not in FIT_METHODS:
             raise ESMIndexError(f"unknown ESM fit method {config.method!r} (choose from {', '.join(FIT_METHODS)})")
         X, Y = np.asarray(X, np.float64), np.asarray(Y, np.float64)
-        if X.shape != Y.shape or X.ndim != 2:
-            raise ESMIndexError(f"ESM fit needs two (n, d) arrays of one shape, got {X.shape} and {Y.shape}")
+        if X.shape != Y.shape or X.ndim != 2 or len(X) == 0:
+            raise ESMIndexError(f"ESM fit needs two non-empty (n, d) arrays of one shape, got {X.shape} and {Y.shape}")
+        if not (np.isfinite(X).all() and np.isfinite(Y).all()):
+            raise ESMIndexError("ESM fit: embeddings contain NaN or infinity")
         solve = _fit_lstsq if config.method == "lstsq" else _fit_adamw
-        order = np.random.default_rng(config.seed).permutation(len(X))
-        n_held = int(len(X) * config.holdout) if len(X) >= 20 else 0
-        held, train = order[:n_held], order[n_held:]
+        train, held = holdout_split(len(X), config.holdout, config.seed)
+        fit_info = {"method": config.method, "num_examples": len(X), "heldout_examples": len(held)}
+        if config.method == "adamw":
+            fit_info.update(epochs=config.epochs, batch_size=config.batch_size,
+                            learning_rate=config.learning_rate, weight_decay=config.weight_decay)
+        if len(held):
+            W, b, _ = solve(X[train], Y[train], config)
+            fit_info.update(fit_quality(X[held] @ W.T + b, Y[held]))
         start = time.perf_counter()
-        fit_info = {"method": config.method, "num_examples": len(X)}
-        if n_held:
-            W, b = solve(X[train], Y[train], config)
-            fit_info.update(_fit_quality(X[held] @ W.T + b, Y[held]))
-        W, b = solve(X, Y, config)
-        fit_info["seconds"] = round(time.perf_counter() - start, 4)
+        W, b, facts = solve(X, Y, config)
+        fit_info.update(facts, seconds=round(time.perf_counter() - start, 4))
         return cls(W, b, {"fit": fit_info})
 
-    def to_arrays(self, dtype="float32"):
-        """The arrays a store record keeps for this ESM, in the index's storage precision."""
-        return {"esm.weight": self.weight.astype(dtype), "esm.bias": self.bias.astype(dtype)}
+    # -- storage forms ---------------------------------------------------------------------------
+    def to_arrays(self, form="float32"):
+        """The arrays a store record keeps for this ESM in one of STORAGE_FORMS."""
+        if check_storage(form) in ("float32", "float16"):
+            return {"esm.weight": self.weight.astype(form), "esm.bias": self.bias.astype(form)}
+        R = np.linalg.qr(np.hstack([self.weight, self.bias[:, None]]).astype(np.float64), mode="r")
+        rows, cols = _trapezoid(self.dim)
+        if form == "triangular-float16":
+            return {"esm.r": R[rows, cols].astype(np.float16)}
+        scale = np.abs(R).max(1) / 127  # one int8 step per row; the steps are kept as uint8 codes around 128
+        steps = np.round(R / np.where(scale > 0, scale, 1)[:, None])
+        return {"esm.r": (steps[rows, cols] + 128).astype(np.uint8), "esm.r_scale": scale.astype(np.float32)}
 
     @classmethod
     def from_arrays(cls, arrays, config=None):
-        return cls(arrays["esm.weight"], arrays["esm.bias"], config or {})
+        """The ESM of a store record, in whichever form it was stored (told apart by its keys)."""
+        if "esm.weight" in arrays:
+            return cls(arrays["esm.weight"], arrays["esm.bias"], config or {})
+        packed = arrays["esm.r"].astype(np.float64)
+        dim = round((np.sqrt(8 * len(packed) + 9) - 3) / 2)  # the trapezoid holds dim (dim + 3) / 2 numbers
+        rows, cols = _trapezoid(dim)
+        if "esm.r_scale" in arrays:
+            packed = (packed - 128) * arrays["esm.r_scale"].astype(np.float64)[rows]
+        R = np.zeros((dim, dim + 1))
+        R[rows, cols] = packed
+        return cls(R[:, :dim], R[:, dim], config or {})
 
-    def save(self, folder):
-        """Write `config.json` and `model.safetensors` in hf-dataset-selector's layout."""
+    # -- hf-dataset-selector folders -------------------------------------------------------------
+    def save(self, folder, config=None):
+        """Write `config.json` and `model.safetensors` in hf-dataset-selector's current layout.
+
+        `config` (default: this ESM's) is completed with what the reference needs to rebuild the map:
+        architecture, dimension and a non-legacy version (the weights are written under `model.*`)."""
         from safetensors.numpy import save_file
 
+        config = {**(self.config if config is None else config), "esm_architecture": "linear",
+                  "esm_embedding_dim": self.dim}
+        if config.get("version") in (None, LEGACY_VERSION):
+            config["version"] = HF_VERSION
         folder = Path(folder)
         folder.mkdir(parents=True, exist_ok=True)
-        save_file({"model.weight": self.weight, "model.bias": self.bias}, str(folder / "model.safetensors"))
-        (folder / "config.json").write_text(json.dumps(self.config, indent=2, sort_keys=True) + "\n")
+        save_file({"model.weight": self.weight, "model.bias": self.bias}, str(folder / WEIGHTS_FILE))
+        (folder / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
     @classmethod
     def load(cls, folder):
-        """Read a folder written by `save` or by hf-dataset-selector (current or legacy 0.1.0 keys)."""
+        """Read a folder written by `save` or by hf-dataset-selector; anything that does not match the
+        layout its config's version implies is refused, naming the file (no weights loaded half-way)."""
         from safetensors import SafetensorError
         from safetensors.numpy import load_file
 
         folder = Path(folder)
-        weights_file, config_file = folder / "model.safetensors", folder / "config.json"
-        for file in (weights_file, config_file):
+        weights_file, config_file = folder / WEIGHTS_FILE, folder / CONFIG_FILE
+        for file in (config_file, weights_file):
             if not file.is_file():
-                raise ESMIndexError(f"{file}: missing (an ESM folder holds config.json and model.safetensors)")
+                raise ESMIndexError(f"{file}: missing (an ESM folder holds {CONFIG_FILE} and {WEIGHTS_FILE})")
         try:
             config = json.loads(config_file.read_text())
         except (UnicodeDecodeError, json.JSONDecodeError) as e:
             raise ESMIndexError(f"{config_file}: not valid JSON ({e})") from None
+        if not isinstance(config, dict):
+            raise ESMIndexError(f"{config_file}: expected a JSON object")
+        if config.get("esm_architecture", "linear") != "linear":
+            raise ESMIndexError(f"{config_file}: esm_architecture {config['esm_architecture']!r} is not 'linear'")
         try:
             tensors = load_file(str(weights_file))
-        except (SafetensorError, OSError, ValueError) as e:
-            raise ESMIndexError(f"{weights_file}: not a safetensors file ({e})") from None
-        for prefix in ("model.", "sequential.0."):
-            if set(tensors) == {prefix + "weight", prefix + "bias"}:
-                try:
-                    return cls(tensors[prefix + "weight"], tensors[prefix + "bias"], config)
-                except ESMIndexError as e:
-                    raise ESMIndexError(f"{weights_file}: {e}") from None
-        raise ESMIndexError(f"{weights_file}: unexpected keys {sorted(tensors)} (want model.weight/model.bias)")
+        except (SafetensorError, OSError, ValueError, TypeError) as e:
+            raise ESMIndexError(f"{weights_file}: not a safetensors file of float arrays ({e})") from None
+        prefix = "sequential.0." if config.get("version") == LEGACY_VERSION else "model."
+        wanted = [prefix + "weight", prefix + "bias"]
+        if set(tensors) != set(wanted):
+            layout = "legacy 0.1.0" if prefix != "model." else "current"
+            raise ESMIndexError(f"{weights_file}: keys {sorted(tensors)} do not match the {layout} layout {wanted}")
+        try:
+            esm = cls(tensors[wanted[0]], tensors[wanted[1]], config)
+        except ESMIndexError as e:
+            raise ESMIndexError(f"{weights_file}: {e}") from None
+        if config.get("esm_embedding_dim", esm.dim) != esm.dim:
+            raise ESMIndexError(f"{config_file}: esm_embedding_dim {config['esm_embedding_dim']} but the weights "
+                                f"in {WEIGHTS_FILE} are {esm.dim}-d")
+        return esm
 
 
-def _fit_quality(predicted, Y):
+# -- fitting helpers -----------------------------------------------------------------------------
+def holdout_split(n, fraction, seed=0):
+    """Seeded (train, held-out) row indices; nothing is held out below 20 rows."""
+    order = np.random.default_rng(seed).permutation(n)
+    n_held = int(n * fraction) if n >= 20 else 0
+    return order[n_held:], order[:n_held]
+
+
+def fit_quality(predicted, Y):
+    """Held-out R^2 (against the per-dimension mean), mean squared error and mean cosine of a map's output."""
+    predicted, Y = np.asarray(predicted, np.float64), np.asarray(Y, np.float64)
     residual = ((predicted - Y) ** 2).sum()
     total = ((Y - Y.mean(0)) ** 2).sum()
     cosine = (predicted * Y).sum(1) / (np.linalg.norm(predicted, axis=1) * np.linalg.norm(Y, axis=1) + 1e-12)
@@ -128,12 +196,30 @@ def _fit_quality(predicted, Y):
 
 
 def _fit_lstsq(X, Y, config):
-    """Exact ridge solution on centred data (the bias is not penalised), by a symmetric solve in float64."""
+    """Exact ridge solution on centred data (the bias is not penalised): W^T = (Xc^T Xc + ridge I)^-1 Xc^T Yc,
+    solved through the symmetric eigendecomposition Xc^T Xc = V diag(e) V^T. Eigenvalues that rounding
+    pushed below zero are clipped, so the system solved has condition <= (e_max + ridge) / ridge however
+    rank-deficient the embeddings are. (An SVD of Xc avoids the Gram matrix but took 10-20x longer here.)"""
     mx, my = X.mean(0), Y.mean(0)
     Xc, Yc = X - mx, Y - my
-    gram = Xc.T @ Xc + config.ridge * np.eye(X.shape[1])
-    W = np.linalg.solve(gram, Xc.T @ Yc).T
-    return W, my - W @ mx
+    e, V = np.linalg.eigh(Xc.T @ Xc)
+    e = np.maximum(e, 0)
+    Z = V.T @ (Xc.T @ Yc)  # Xc^T Yc in the eigenbasis
+    ridge = config.ridge if config.ridge is not None else _gcv_ridge(e, Z, (Yc**2).sum(), len(X))
+    W = ((V / (e + ridge)) @ Z).T
+    return W, my - W @ mx, {"ridge": float(ridge)}
+
+
+def _gcv_ridge(e, Z, total, n):
+    """The ridge term of RIDGE_GRID (times the mean eigenvalue, so it follows the embeddings' scale) with
+    the least generalized cross-validation error n RSS / (n - 1 - df)^2, all from the eigendecomposition.
+    A fixed small ridge overfits when n is near d (held-out R^2 below 0 at n = 500, d = 384 here)."""
+    ridges = RIDGE_GRID[:, None] * (e.mean() or 1.0)
+    shrink = e / (e + ridges)  # (grid, d): how much of each eigendirection the fit keeps
+    rss = total - (shrink * (2 - shrink) * (Z**2).sum(1) / np.where(e > 0, e, 1)).sum(1)
+    df = shrink.sum(1)
+    gcv = np.where(n - 1 - df > 0, n * rss / np.maximum(n - 1 - df, 1e-12) ** 2, np.inf)
+    return ridges[np.argmin(gcv), 0]
 
 
 def _fit_adamw(X, Y, config):
@@ -151,4 +237,54 @@ def _fit_adamw(X, Y, config):
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
-    return layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy()
+    return layer.weight.detach().double().numpy(), layer.bias.detach().double().numpy(), {}
+
+
+# -- storage forms -------------------------------------------------------------------------------
+STORAGE_FORMS = ("float32", "float16", "triangular-float16", "triangular-int8")
+"""How a record keeps W~ = [W, b]. float32 is exact; float16 rounds W and b. The triangular forms keep
+only R of W~ = Q R (QR decomposition): the map R x~ = Q^T f(x) is f rotated, and ESM-LogME sees the ESM
+only through W~^T W~ = R^T R, so every target scores it the same; the upper trapezoid of R is half of
+W~'s numbers, in float16 or as int8 steps with one float32 scale per row. Measured ranking fidelity on
+real ESMs: tools/bench_compression.py. A low-rank W ~ D + U V^T was measured too and rejected: fitted
+ESMs are full rank, and at the ranks that save space it reorders the sources."""
+
+
+def check_storage(form):
+    if form not in STORAGE_FORMS:
+        raise ESMIndexError(f"unknown ESM storage form {form!r} (choose from {' | '.join(STORAGE_FORMS)})")
+    return form
+
+
+def _trapezoid(dim):
+    """Row and column indices of the upper trapezoid of a (dim, dim + 1) matrix: dim (dim + 3) / 2 entries."""
+    return np.triu_indices(dim, m=dim + 1)
+
+
+# -- hf-dataset-selector interop -----------------------------------------------------------------
+CONFIG_FILE, WEIGHTS_FILE = "config.json", "model.safetensors"
+LEGACY_VERSION = "0.1.0"  # hf-dataset-selector 0.1.0 kept the Linear layer as `sequential.0`
+HF_VERSION = "0.2.1"  # the reference release whose layout `save` writes
+
+
+def import_name(config, folder):
+    """The source name of an imported ESM: its config's task id (with its subset), else its folder's name."""
+    task, subset = config.get("task_id"), config.get("task_subset")
+    if isinstance(task, str) and task.strip():
+        return f"{task}:{subset}" if isinstance(subset, str) and subset.strip() else task
+    return Path(folder).resolve().name
+
+
+def check_origin(esm, folder, base_model, dim, assumed_base_model=None):
+    """Refuse an imported ESM fitted for another base model or dimension than the index's.
+    `assumed_base_model` stands in for a config that names none (and must agree with one that does)."""
+    config_file, named = Path(folder) / CONFIG_FILE, esm.config.get("base_model_name")
+    if named and assumed_base_model and named != assumed_base_model:
+        raise ESMIndexError(f"{config_file}: base_model_name {named!r} is not the given {assumed_base_model!r}")
+    named = named or assumed_base_model
+    if not named:
+        raise ESMIndexError(f"{config_file}: names no base_model_name; give the base model (--base-model)")
+    if named != base_model:
+        raise ESMIndexError(f"{config_file}: an ESM for base model {named!r}; this index's is {base_model!r}")
+    if esm.dim != dim:
+        raise ESMIndexError(f"{Path(folder) / WEIGHTS_FILE}: a {esm.dim}-d ESM; this index is {dim}-d")

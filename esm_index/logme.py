@@ -14,17 +14,26 @@ noise directions and make the score depend on rounding. thuml itself applies no 
 here both regimes use the rule above.
 """
 
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import cached_property
+from functools import cached_property, partial
 
 import numpy as np
+from threadpoolctl import ThreadpoolController
 
 from esm_index.errors import ESMIndexError
 
 EPS = np.finfo(np.float64).eps
-MAX_ITERATIONS = 11  # thuml's cap; it converges in 2-4 steps on real data
+MAX_ITERATIONS = 11  # thuml's cap
 TOLERANCE = 1e-3     # on the relative change of t = alpha / beta
 RIDGE = 1e-5         # thuml's epsilon in the alpha and beta updates
+
+# logme_from_stats pins BLAS to one thread while it runs its own threads; the lock keeps two scans
+# from interleaving those process-wide settings (they would share the same cores anyway).
+_BLAS = ThreadpoolController()
+_SCAN_LOCK = threading.Lock()
 
 
 def encode_labels(labels, regression: bool) -> np.ndarray:
@@ -74,45 +83,44 @@ def _targets(labels, n: int, regression: bool) -> np.ndarray:
 
 
 def _kept(s2: np.ndarray, n: int, d: int) -> np.ndarray:
-    """Which eigenvalues of G = F^T F (last axis) are signal, not rounding: see the module docstring."""
-    top = s2.max(axis=-1, keepdims=True)
-    return (s2 > 1e-20) & (s2 > top * max(n, d) * EPS)
+    """Which eigenvalues of G = F^T F are signal, not rounding: see the module docstring."""
+    return (s2 > 1e-20) & (s2 > s2.max() * max(n, d) * EPS)
 
 
-def _fixed_point(s2, z2, yy, n: int, d: int) -> np.ndarray:
-    """thuml's fixed-point LogME for many spectra at once; returns the class-averaged evidence per spectrum.
+def _evidence(s2: np.ndarray, z2: np.ndarray, yy: np.ndarray, n: int, d: int) -> float:
+    """thuml's fixed-point LogME, all label columns at once; the class-averaged evidence, NaN if not finite.
 
-    s2: (E, k) eigenvalues of G; z2: (E, C, k) squared projections (V^T F^T y_c)^2; yy: (E, C) y_c^T y_c.
-    Every (spectrum, class) entry iterates until its own convergence, exactly like the per-class
-    reference loop, so results match it to rounding.
+    s2: (k,) eigenvalues of G = F^T F; z2: (C, k) squared projections (V^T F^T y_c)^2; yy: (C,) y_c^T y_c.
+    Each column iterates until its own convergence, exactly like the reference's loop per class.
     """
-    keep = _kept(s2, n, d)[:, None, :]
-    s2 = np.where(keep, s2[:, None, :], 0.0)                        # (E, 1, k)
-    x2 = np.divide(z2, s2, out=np.zeros_like(z2), where=keep)       # (E, C, k)
-    res_x2 = np.maximum(yy - x2.sum(-1), 0.0)                       # energy outside the kept span
-    alpha, beta = np.ones_like(yy), np.ones_like(yy)
-    m2, res2 = np.zeros_like(yy), np.zeros_like(yy)
-    active = np.ones(yy.shape, dtype=bool)
+    keep = _kept(s2, n, d)
+    if not keep.any():
+        return np.nan
+    s2 = s2[keep]
+    x2 = z2[:, keep] / s2                       # (u_i^T y)^2 in thuml's notation
+    res_x2 = np.maximum(yy - x2.sum(1), 0.0)    # energy of y outside the kept span
+    alpha, beta = np.ones(len(yy)), np.ones(len(yy))
+    m2, res2 = np.zeros(len(yy)), np.zeros(len(yy))
+    live = np.arange(len(yy))                   # columns still iterating
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(MAX_ITERATIONS):
-            t = alpha / beta
-            tt = t[..., None]
-            gamma = (s2 / (s2 + tt)).sum(-1)
-            new_m2 = (s2 * x2 / (tt + s2) ** 2).sum(-1)
-            new_res2 = (x2 / (1 + s2 / tt) ** 2).sum(-1) + res_x2
-            new_alpha = gamma / (new_m2 + RIDGE)
-            new_beta = (n - gamma) / (new_res2 + RIDGE)
-            converged = np.abs(new_alpha / new_beta - t) / t <= TOLERANCE
-            for old, new in ((alpha, new_alpha), (beta, new_beta), (m2, new_m2), (res2, new_res2)):
-                np.copyto(old, new, where=active)
-            active &= ~converged
-            if not active.any():
+            t = alpha[live] / beta[live]
+            u = s2 / (s2 + t[:, None])          # s2 / (s2 + t)
+            v = 1.0 - u                         # 1 / (1 + s2 / t)
+            xv = x2[live] * v
+            gamma = u.sum(1)
+            m2[live] = np.einsum("ij,ij->i", xv, u) / t             # sum s2 x2 / (t + s2)^2
+            res2[live] = np.einsum("ij,ij->i", xv, v) + res_x2[live]  # sum x2 / (1 + s2/t)^2 + res_x2
+            alpha[live] = gamma / (m2[live] + RIDGE)
+            beta[live] = (n - gamma) / (res2[live] + RIDGE)
+            live = live[~(np.abs(alpha[live] / beta[live] - t) / t <= TOLERANCE)]
+            if not len(live):
                 break
-        logdet = np.log(alpha[..., None] + beta[..., None] * s2, where=keep, out=np.zeros_like(x2)).sum(-1)
+        logdet = np.log(alpha[:, None] + beta[:, None] * s2).sum(1)
         evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - logdet / 2
                     - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi)) / n
-    score = evidence.mean(-1)
-    return np.where(np.isfinite(score), score, np.nan)
+    score = float(evidence.mean())
+    return score if np.isfinite(score) else np.nan
 
 
 def logme_score(features, labels, regression=False) -> float:
@@ -126,7 +134,7 @@ def logme_score(features, labels, regression=False) -> float:
     else:
         U, s, _ = np.linalg.svd(F, full_matrices=False)
         s2, z = s**2, s[:, None] * (U.T @ Y)  # V^T F^T Y, as in the Gram branch
-    return float(_fixed_point(s2[None], (z.T**2)[None], (Y * Y).sum(0)[None], n, d)[0])
+    return _evidence(s2, z.T**2, (Y * Y).sum(0), n, d)
 
 
 @dataclass(frozen=True)
@@ -145,13 +153,33 @@ class TargetStats:
         Xt = np.hstack([X, np.ones((len(X), 1))])
         return cls(A=Xt.T @ Xt, B=Xt.T @ Y, yy=(Y * Y).sum(0), n=len(X))
 
+    def __post_init__(self):
+        d1 = len(self.A)
+        if self.A.shape != (d1, d1) or self.B.ndim != 2 or len(self.B) != d1 or self.yy.shape != self.B.shape[1:]:
+            raise ESMIndexError(f"inconsistent target statistics: A {self.A.shape}, B {self.B.shape}, yy {self.yy.shape}")
+        if self.n < 1:
+            raise ESMIndexError(f"target statistics need n >= 1, got {self.n}")
+
     @cached_property
     def root(self) -> np.ndarray:
-        """R with R R^T = A (noise-level eigenvalues of A dropped): G = (W~R)(W~R)^T is then one
-        product plus a symmetric rank-k update, cheaper than W~ A W~^T, and PSD by construction."""
+        """R with R R^T = A (A's negative rounding noise clipped): G = (W~R)(W~R)^T is then one product
+        plus a symmetric rank-k update, cheaper than W~ A W~^T, and symmetric PSD by construction."""
         lam, Q = np.linalg.eigh(self.A)
-        keep = lam > lam.max() * max(self.n, len(lam)) * EPS
-        return Q[:, keep] * np.sqrt(lam[keep])
+        return Q * np.sqrt(np.maximum(lam, 0.0))
+
+
+def _esm_logme(W: np.ndarray, b: np.ndarray, R: np.ndarray, stats: "TargetStats") -> float:
+    """ESM-LogME of one ESM: G = (W~R)(W~R)^T, its eigh, z = V^T W~ B. NaN, not an exception, when W~ is
+    not finite or eigh fails, so one bad ESM does not sink the batch."""
+    Wt = np.concatenate([W, b[:, None]], axis=1, dtype=np.float64)
+    if not np.isfinite(Wt).all():
+        return np.nan
+    P = Wt @ R
+    try:
+        s2, V = np.linalg.eigh(P @ P.T)  # P @ P.T runs as a symmetric rank-k update
+    except np.linalg.LinAlgError:
+        return np.nan
+    return _evidence(s2, ((V.T @ (Wt @ stats.B)) ** 2).T, stats.yy, stats.n, len(W))
 
 
 def logme_from_stats(weights, biases, stats: TargetStats, batch_size=64) -> np.ndarray:
@@ -159,8 +187,11 @@ def logme_from_stats(weights, biases, stats: TargetStats, batch_size=64) -> np.n
 
     weights: (K, d, d) array or sequence of (d, d) arrays, any float dtype; biases: (K, d).
     Returns float64 (K,), NaN where the score is not finite (e.g. a non-finite or all-zero map).
-    Per ESM: G = W~ A W~^T, its eigen-decomposition and z = V^T W~ B; then the fixed-point loop runs
-    vectorised over the batch's ESMs x classes. Memory is O(batch_size * d * C) plus O(d^2) per ESM.
+    Each ESM costs one product, one symmetric update and one eigh of d x d, whatever n is. ESMs run
+    in parallel threads with single-threaded BLAS: measured here, that beats threaded BLAS inside one
+    eigh, and it does not collapse when other jobs load the cores; the fixed-point loop of each ESM
+    is vectorised over its classes and stays in cache. batch_size ESMs are read at a time, so memory
+    is O(batch_size * d^2) for their weights plus O(d^2 + C d) per thread.
     """
     d = stats.A.shape[0] - 1
     K = len(weights)
@@ -169,27 +200,18 @@ def logme_from_stats(weights, biases, stats: TargetStats, batch_size=64) -> np.n
         raise ESMIndexError(f"expected biases of shape ({K}, {d}) for {K} ESMs of dimension {d}, got {biases.shape}")
     if batch_size < 1:
         raise ESMIndexError(f"batch_size must be >= 1, got {batch_size}")
+    score = partial(_esm_logme, R=stats.root, stats=stats)
     scores = np.empty(K)
-    R, C = stats.root, stats.B.shape[1]
-    Wt = np.empty((d, d + 1))  # W~ = [W, b], reused
-    for start in range(0, K, batch_size):
-        stop = min(start + batch_size, K)
-        s2 = np.zeros((stop - start, d))
-        z2 = np.zeros((stop - start, C, d))
-        for i, k in enumerate(range(start, stop)):
-            W = np.asarray(weights[k])
-            if W.shape != (d, d):
-                raise ESMIndexError(f"ESM {k}: expected a ({d}, {d}) weight matrix, got {W.shape}")
-            Wt[:, :d], Wt[:, d] = W, biases[k]
-            if not np.isfinite(Wt).all():
-                s2[i] = np.nan
-                continue
-            P = Wt @ R
-            try:
-                s2[i], V = np.linalg.eigh(P @ P.T)
-            except np.linalg.LinAlgError:  # eigh did not converge: report, do not raise
-                s2[i] = np.nan
-                continue
-            z2[i] = (V.T @ (Wt @ stats.B)).T ** 2
-        scores[start:stop] = _fixed_point(s2, z2, np.broadcast_to(stats.yy, (stop - start, C)), stats.n, d)
+    with _SCAN_LOCK, _BLAS.limit(limits=1, user_api="blas"), ThreadPoolExecutor(min(_cpus(), batch_size)) as pool:
+        for start in range(0, K, batch_size):
+            ks = range(start, min(start + batch_size, K))
+            Ws = [np.asarray(weights[k]) for k in ks]  # read here: the sequence may not be thread-safe
+            for k, W in zip(ks, Ws):
+                if W.shape != (d, d):
+                    raise ESMIndexError(f"ESM {k}: expected a ({d}, {d}) weight matrix, got {W.shape}")
+            scores[ks.start:ks.stop] = list(pool.map(score, Ws, biases[ks.start:ks.stop]))
     return scores
+
+
+def _cpus() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

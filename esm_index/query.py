@@ -7,8 +7,8 @@ import numpy as np
 
 from .errors import ESMIndexError
 from .esm import ESM
-from .logme import TargetStats, logme_from_stats
-from .prefilter import PrefilterConfig, target_vector
+from .logme import TargetStats, encode_labels, logme_from_stats
+from .prefilter import SKETCH_KEY, PrefilterConfig, TargetQuery
 
 DEFAULT_CANDIDATES = 200
 RESCORE_BATCH = 64
@@ -65,6 +65,24 @@ def check_target(X, labels, dim):
     return X.astype(np.float64), labels
 
 
+def prefiltered(store, txn, prefilter, X, labels, regression, candidates, timings):
+    """The `candidates` sources worth exact rescoring: stage 1, the FAISS search of the `shortlist` whose
+    vectors match the target's; stage 2, the best of those by LogME through the prefilter's basis."""
+    started = time.perf_counter()
+    config = PrefilterConfig(**store.meta(txn)["prefilter"])
+    query = TargetQuery(X, encode_labels(labels, regression), regression, config)
+    ids = prefilter.search(query.vector, max(config.shortlist, candidates))
+    names = [n for n in (store.name_of(i, txn) for i in ids) if n is not None]
+    timings["prefilter"] = time.perf_counter() - started
+    started = time.perf_counter()
+    if len(names) > candidates:
+        sketches = np.stack([r.arrays[SKETCH_KEY] for r in store.records(names, txn, keys=[SKETCH_KEY])])
+        scores = query.scores(sketches)
+        names = [names[i] for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:candidates]]
+    timings["shortlist"] = time.perf_counter() - started
+    return names
+
+
 def rank(store, prefilter, X, labels, regression=False, top_k=10, candidates=DEFAULT_CANDIDATES, timings=None):
     """Rank the store's sources for target embeddings X with labels.
 
@@ -85,15 +103,14 @@ def rank(store, prefilter, X, labels, regression=False, top_k=10, candidates=DEF
     stats = TargetStats.from_embeddings(X, labels, regression)
     timings["statistics"] = time.perf_counter() - started
 
-    started = time.perf_counter()
-    with store.env.begin() as txn:  # one snapshot for the whole query
-        names = store.names(txn)
-        pool = len(names)
-        if candidates not in (None, "all") and candidates < pool:
-            basis = PrefilterConfig(**meta["prefilter"]).basis(meta["dim"])
-            ids = prefilter.search(target_vector(X, labels, basis), candidates)
-            names = [n for n in (store.name_of(i, txn) for i in ids) if n is not None]
-        timings["prefilter"] = time.perf_counter() - started
+    with store.begin() as txn:  # one snapshot for the whole query
+        pool = txn.stat(store.dbs["sources"])["entries"]
+        if candidates in (None, "all") or candidates >= pool:
+            started = time.perf_counter()
+            names = store.names(txn)
+            timings["prefilter"] = time.perf_counter() - started
+        else:
+            names = prefiltered(store, txn, prefilter, X, labels, regression, candidates, timings)
 
         started = time.perf_counter()
         scores = []

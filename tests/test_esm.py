@@ -1,0 +1,365 @@
+"""ESMs: exact and AdamW fitting, storage forms, hf-dataset-selector folders, import-esm / export-esm."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from safetensors.numpy import load_file, save_file
+from typer.testing import CliRunner
+
+from esm_index import ESMIndex, ESMIndexError
+from esm_index.cli import app
+from esm_index.data import read_task
+from esm_index.esm import ESM, ESMFitConfig, check_storage
+from esm_index.logme import TargetStats, logme_from_stats
+
+runner = CliRunner()
+
+
+def cli(*args, ok=True):
+    result = runner.invoke(app, [str(a) for a in args], catch_exceptions=False)
+    assert (result.exit_code == 0) == ok, result.output + result.stderr
+    if not ok:
+        assert result.stderr.strip().count("\n") == 0, result.stderr
+    return result
+
+
+def affine_data(n=400, d=16, noise=0.0, seed=0):
+    rng = np.random.default_rng(seed)
+    W, b = rng.standard_normal((d, d)) / np.sqrt(d), rng.standard_normal(d)
+    X = rng.standard_normal((n, d)) @ np.diag(np.linspace(0.2, 3, d))
+    return X, X @ W.T + b + noise * rng.standard_normal((n, d)), W, b
+
+
+def random_esm(d, seed, config=None):
+    rng = np.random.default_rng(seed)
+    return ESM(np.eye(d) + 0.3 * rng.standard_normal((d, d)), 0.1 * rng.standard_normal(d), config)
+
+
+# -- fitting -------------------------------------------------------------------------------------
+def test_lstsq_recovers_an_exact_affine_map_and_records_its_quality():
+    X, Y, W, b = affine_data()
+    esm = ESM.fit(X, Y, ESMFitConfig(ridge=1e-9))
+    np.testing.assert_allclose(esm.weight, W, atol=1e-5)
+    np.testing.assert_allclose(esm.bias, b, atol=1e-5)
+    fit = esm.config["fit"]
+    assert fit["method"] == "lstsq" and fit["num_examples"] == 400 and fit["heldout_examples"] == 40
+    assert fit["heldout_r2"] == pytest.approx(1, abs=1e-9) and fit["heldout_cosine"] == pytest.approx(1, abs=1e-9)
+    assert fit["heldout_mse"] < 1e-12 and fit["seconds"] >= 0
+
+
+def test_lstsq_is_the_ridge_solution_with_an_unpenalised_bias():
+    X, Y, _, _ = affine_data(n=60, noise=0.5, seed=1)
+    ridge = 3.0
+    esm = ESM.fit(X, Y, ESMFitConfig(ridge=ridge, holdout=0))
+    Xc, Yc = X - X.mean(0), Y - Y.mean(0)  # the normal equations, solved independently
+    W = np.linalg.solve(Xc.T @ Xc + ridge * np.eye(X.shape[1]), Xc.T @ Yc).T
+    np.testing.assert_allclose(esm.weight, W, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(esm.bias, Y.mean(0) - W @ X.mean(0), rtol=1e-5, atol=1e-5)
+    assert "heldout_r2" not in esm.config["fit"]  # nothing held out
+
+
+def test_default_ridge_is_chosen_by_cross_validation_and_beats_a_tiny_one_when_n_is_near_d():
+    X, Y, _, _ = affine_data(n=60, d=40, noise=2.0, seed=5)
+    chosen, tiny = ESM.fit(X, Y).config["fit"], ESM.fit(X, Y, ESMFitConfig(ridge=1e-6)).config["fit"]
+    assert chosen["ridge"] > 1e-3 and chosen["heldout_r2"] > tiny["heldout_r2"] + 0.1
+    X, Y, _, _ = affine_data(n=2000, d=8, noise=0.01, seed=6)  # plenty of data: almost no shrinkage
+    chosen = ESM.fit(X, Y).config["fit"]
+    assert chosen["heldout_r2"] > 0.999
+
+
+def test_lstsq_is_stable_on_rank_deficient_embeddings():
+    X, Y, _, _ = affine_data(n=200, d=16, seed=2)
+    X[:, 8:] = X[:, :8] @ np.random.default_rng(3).standard_normal((8, 8))  # rank 8 of 16
+    Y = X @ np.random.default_rng(4).standard_normal((16, 16)) + 1.0
+    fit = ESM.fit(X, Y).config["fit"]
+    assert fit["heldout_r2"] > 0.999
+
+
+def test_adamw_is_seeded_and_approaches_the_exact_fit():
+    X, Y, _, _ = affine_data(n=600, noise=0.1)
+    config = ESMFitConfig("adamw", learning_rate=1e-2, epochs=20)
+    first, again = ESM.fit(X, Y, config), ESM.fit(X, Y, config)
+    np.testing.assert_array_equal(first.weight, again.weight)
+    fit, exact = first.config["fit"], ESM.fit(X, Y).config["fit"]
+    assert fit["method"] == "adamw" and fit["epochs"] == 20 and fit["learning_rate"] == 1e-2
+    assert 0.9 < fit["heldout_r2"] <= exact["heldout_r2"] + 1e-3
+
+
+@pytest.mark.parametrize("X, Y, config, message", [
+    (np.ones((5, 3)), np.ones((5, 4)), None, "one shape"),
+    (np.full((5, 3), np.nan), np.ones((5, 3)), None, "NaN"),
+    (np.ones((5, 3)), np.ones((5, 3)), ESMFitConfig("sgd"), "unknown ESM fit method 'sgd'"),
+])
+def test_fit_refuses_bad_input(X, Y, config, message):
+    with pytest.raises(ESMIndexError, match=message):
+        ESM.fit(X, Y, config)
+
+
+# -- storage forms -------------------------------------------------------------------------------
+def test_float32_round_trip_is_exact_and_float16_halves_the_bytes():
+    esm = random_esm(32, 0)
+    same = ESM.from_arrays(esm.to_arrays("float32"))
+    np.testing.assert_array_equal(same.weight, esm.weight)
+    half = esm.to_arrays("float16")
+    assert half["esm.weight"].nbytes * 2 == esm.to_arrays("float32")["esm.weight"].nbytes
+    np.testing.assert_allclose(ESM.from_arrays(half).weight, esm.weight, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.parametrize("form, share", [("triangular-float16", 0.27), ("triangular-int8", 0.16)])
+def test_triangular_forms_keep_esm_logme_in_a_fraction_of_the_bytes(form, share):
+    """R of [W, b] = Q R is the map rotated by Q^T: the same W~^T W~, so the same ESM-LogME for any target."""
+    esm = random_esm(48, 2)
+    arrays = esm.to_arrays(form)
+    assert sum(a.nbytes for a in arrays.values()) < share * sum(a.nbytes for a in esm.to_arrays("float32").values())
+    stored = ESM.from_arrays(arrays)
+    assert np.allclose(np.tril(stored.weight, -1), 0) and not np.allclose(stored.weight, esm.weight)
+    gram = lambda e: np.hstack([e.weight, e.bias[:, None]]).T.astype(np.float64) @ np.hstack([e.weight, e.bias[:, None]])
+    np.testing.assert_allclose(gram(stored), gram(esm), atol=0.05 * np.abs(gram(esm)).max())
+    rng = np.random.default_rng(0)
+    for n_classes in (2, 5):
+        stats = TargetStats.from_embeddings(rng.standard_normal((80, 48)), rng.integers(0, n_classes, 80))
+        exact, kept = (logme_from_stats([e.weight], [e.bias], stats)[0] for e in (esm, stored))
+        assert kept == pytest.approx(exact, abs=1e-3)
+
+
+@pytest.mark.parametrize("form", ["int8", "lowrank:8", "triangular", None])
+def test_bad_storage_forms_are_refused(form, tiny_model, tmp_path):
+    with pytest.raises(ESMIndexError, match="unknown ESM storage form"):
+        check_storage(form)
+    with pytest.raises(ESMIndexError, match="unknown ESM storage form"):
+        ESMIndex.create(tmp_path / "x", base_model=str(tiny_model), storage=form)
+    assert not (tmp_path / "x" / "data.mdb").exists()
+
+
+@pytest.mark.parametrize("form", ["float16", "triangular-float16", "triangular-int8"])
+def test_compact_forms_keep_the_ranking_of_the_built_index(built_index, tasks, tmp_path, form):
+    """Every source of the tiny index re-stored in a compact form: the same order, scores close."""
+    target = read_task(tasks["target"])
+    with ESMIndex.open(built_index, readonly=True) as index:
+        X = index.encoder.embed(target.texts)
+        exact = {r.source: r.score for r in index.query_embeddings(X, target.labels, candidates=None)}
+        esms = {r.name: ESM.from_arrays(r.arrays, r.info["esm"]) for r in index.store.records()}
+        base_model = index.meta["base_model"]
+    with ESMIndex.create(tmp_path / form, base_model, dim=32, storage=form) as compact:
+        for name, esm in esms.items():
+            compact.add_esm(name, esm)
+        assert compact.info()["storage"] == form
+        ranking = compact.query_embeddings(X, target.labels, candidates=None)
+    assert [r.source for r in ranking] == sorted(exact, key=exact.get, reverse=True)
+    np.testing.assert_allclose([r.score for r in ranking], [exact[r.source] for r in ranking], atol=0.02)
+
+
+def test_sources_added_from_texts_are_stored_in_the_index_form(tiny_model, tasks, tmp_path):
+    with ESMIndex.create(tmp_path / "f16", base_model=str(tiny_model), storage="float16") as index:
+        index.add_source("af", tasks["animals-food"], finetuned=str(tiny_model))
+        record = index.store.get("af")
+    assert record.arrays["esm.weight"].dtype == np.float16 and record.arrays["esm.bias"].dtype == np.float16
+    assert record.info["esm"]["fit"]["heldout_r2"] > 0.99  # the model is its own fine-tuned copy
+
+
+# -- hf-dataset-selector folders -----------------------------------------------------------------
+HF_CONFIG = {
+    "base_model_name": "org/base-32", "task_id": "glue", "task_subset": "mnli", "text_column": "premise,hypothesis",
+    "label_column": "label", "task_split": "train", "num_examples": 1000, "seed": 42, "language": "en",
+    "esm_architecture": "linear", "esm_embedding_dim": 32, "esm_num_epochs": 10, "esm_batch_size": 32,
+    "esm_learning_rate": 0.001, "esm_weight_decay": 0.01, "esm_optimizer": "AdamW", "lm_num_epochs": 3,
+    "lm_batch_size": 32, "lm_learning_rate": 2e-05, "lm_weight_decay": 0.01, "lm_optimizer": "AdamW",
+    "version": "0.2.1",
+}
+
+
+def hf_folder(folder, esm, legacy=False, **config):
+    """An ESM folder as hf-dataset-selector writes it (legacy: version 0.1.0, `sequential.0.*` keys)."""
+    folder.mkdir(parents=True)
+    prefix = "sequential.0." if legacy else "model."
+    save_file({prefix + "weight": esm.weight, prefix + "bias": esm.bias}, str(folder / "model.safetensors"))
+    config = {**HF_CONFIG, **({"version": "0.1.0"} if legacy else {}), **config}
+    (folder / "config.json").write_text(json.dumps({k: v for k, v in config.items() if v is not None}))
+    return folder
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_hf_folders_load_in_both_layouts(tmp_path, legacy):
+    esm = random_esm(32, 3)
+    loaded = ESM.load(hf_folder(tmp_path / "esm", esm, legacy))
+    np.testing.assert_array_equal(loaded.weight, esm.weight)
+    np.testing.assert_array_equal(loaded.bias, esm.bias)
+    assert loaded.config["task_id"] == "glue" and loaded.config["lm_optimizer"] == "AdamW"
+
+
+def test_save_writes_what_the_reference_loads(tmp_path):
+    """The reference builds `nn.Linear(d, d)` from esm_architecture / esm_embedding_dim / version and loads
+    `model.*` into it: do the same with torch, strictly."""
+    import torch
+
+    esm = random_esm(32, 4, {**HF_CONFIG, "version": "0.1.0"})
+    esm.save(tmp_path / "out")
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["esm_architecture"] == "linear" and config["esm_embedding_dim"] == 32
+    assert config["version"] != "0.1.0"  # the weights are under model.*, which a 0.1.0 config would not read
+    layer = torch.nn.Linear(config["esm_embedding_dim"], config["esm_embedding_dim"])
+    state = {k.removeprefix("model."): torch.from_numpy(v) for k, v in load_file(tmp_path / "out" / "model.safetensors").items()}
+    layer.load_state_dict(state, strict=True)
+    x = np.random.default_rng(0).standard_normal((3, 32)).astype(np.float32)
+    np.testing.assert_allclose(layer(torch.from_numpy(x)).detach().numpy(), esm.apply(x), rtol=1e-5, atol=1e-6)
+
+
+def broken_folders(tmp_path):
+    esm = random_esm(32, 5)
+    cases = {
+        "legacy keys, current version": (hf_folder(tmp_path / "a", esm, version="0.2.1"), "a/model.safetensors"),
+        "wrong shape": (hf_folder(tmp_path / "b", ESM(np.eye(31), np.zeros(31))), "b/config.json: esm_embedding_dim 32"),
+        "non-square": (tmp_path / "c", "c/model.safetensors: ESM weight"),
+        "extra key": (tmp_path / "d", "d/model.safetensors: keys"),
+        "not json": (hf_folder(tmp_path / "e", esm), "e/config.json: not valid JSON"),
+        "not safetensors": (hf_folder(tmp_path / "f", esm), "f/model.safetensors: not a safetensors file"),
+        "missing weights": (tmp_path / "g", "g/model.safetensors: missing"),
+        "other architecture": (hf_folder(tmp_path / "h", esm, esm_architecture="mlp"), "h/config.json: esm_architecture"),
+        "NaN weights": (hf_folder(tmp_path / "i", ESM(np.eye(32), np.zeros(32))), "i/model.safetensors: ESM weight"),
+    }
+    legacy_folder = tmp_path / "a"
+    save_file({"sequential.0.weight": esm.weight, "sequential.0.bias": esm.bias}, str(legacy_folder / "model.safetensors"))
+    for name, arrays in (("c", {"model.weight": np.ones((32, 16), np.float32), "model.bias": np.zeros(32, np.float32)}),
+                         ("d", {"model.weight": esm.weight, "model.bias": esm.bias, "extra": esm.bias})):
+        hf_folder(tmp_path / name, esm)
+        save_file(arrays, str(tmp_path / name / "model.safetensors"))
+    (tmp_path / "e" / "config.json").write_text("{not json")
+    (tmp_path / "f" / "model.safetensors").write_bytes(b"\x00" * 64)
+    (tmp_path / "g").mkdir()
+    (tmp_path / "g" / "config.json").write_text(json.dumps(HF_CONFIG))
+    weights = esm.weight.copy()
+    weights[0, 0] = np.nan
+    save_file({"model.weight": weights, "model.bias": esm.bias}, str(tmp_path / "i" / "model.safetensors"))
+    return cases
+
+
+def test_broken_folders_are_refused_naming_the_file(tmp_path):
+    for case, (folder, message) in broken_folders(tmp_path).items():
+        with pytest.raises(ESMIndexError) as error:
+            ESM.load(folder)
+        assert message in str(error.value), case
+
+
+# -- import-esm / export-esm ---------------------------------------------------------------------
+@pytest.fixture
+def remote_index(tmp_path):
+    """An index for a base model this machine does not have: `init --dim`."""
+    path = tmp_path / "remote"
+    cli("init", path, "--base-model", "org/base-32", "--dim", "32")
+    return path
+
+
+def sources(path):
+    with ESMIndex.open(path, readonly=True) as index:
+        return {s["name"]: s for s in index.sources()}, index.meta["generation"]
+
+
+def test_import_names_sources_and_keeps_their_config(remote_index, tmp_path):
+    folders = [
+        hf_folder(tmp_path / "esm-mnli", random_esm(32, 0)),
+        hf_folder(tmp_path / "esm-imdb", random_esm(32, 1), legacy=True, task_id="imdb", task_subset=None),
+        hf_folder(tmp_path / "folder-named", random_esm(32, 2), task_id=None, task_subset=None),
+    ]
+    result = cli("import-esm", remote_index, *folders)
+    assert "added source 'glue:mnli'" in result.stderr
+    cli("import-esm", remote_index, folders[0], "--name", "mine")
+    stored, _ = sources(remote_index)
+    assert sorted(stored) == ["folder-named", "glue:mnli", "imdb", "mine"]
+    assert stored["imdb"]["esm"]["version"] == "0.1.0" and stored["glue:mnli"]["esm"]["lm_num_epochs"] == 3
+    assert stored["mine"]["num_examples"] == 1000 and stored["mine"]["imported_from"] == str(folders[0])
+    assert "imdb" in cli("list", remote_index).stdout
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_import_export_round_trip_is_exact(remote_index, tmp_path, legacy):
+    esm = random_esm(32, 7)
+    cli("import-esm", remote_index, hf_folder(tmp_path / "in", esm, legacy), "--name", "x")
+    cli("export-esm", remote_index, "x", tmp_path / "out")
+    exported = ESM.load(tmp_path / "out")
+    np.testing.assert_array_equal(exported.weight, esm.weight)
+    np.testing.assert_array_equal(exported.bias, esm.bias)
+    assert set(load_file(tmp_path / "out" / "model.safetensors")) == {"model.weight", "model.bias"}
+    assert {k: v for k, v in exported.config.items() if k != "version"} == {
+        k: v for k, v in HF_CONFIG.items() if k != "version"}
+    cli("import-esm", remote_index, tmp_path / "out", "--name", "again")  # and back in
+    assert "again" in sources(remote_index)[0]
+
+
+def test_export_of_a_fitted_source_names_its_base_model_and_task(built_index, tmp_path):
+    cli("export-esm", built_index, "all-four", tmp_path / "out")
+    exported = ESM.load(tmp_path / "out")
+    with ESMIndex.open(built_index, readonly=True) as index:
+        stored = ESM.from_arrays(index.store.get("all-four").arrays)
+        base_model = index.meta["base_model"]
+    np.testing.assert_array_equal(exported.weight, stored.weight)
+    assert exported.config["base_model_name"] == base_model and exported.config["task_id"] == "all-four"
+    assert exported.config["fit"]["method"] == "lstsq" and exported.config["num_examples"] == 60
+    assert "not an empty folder" in cli("export-esm", built_index, "all-four", tmp_path / "out", ok=False).stderr
+    assert "no source named 'nope'" in cli("export-esm", built_index, "nope", tmp_path / "o2", ok=False).stderr
+
+
+def test_imported_sources_are_ranked_and_prefiltered_without_texts(remote_index, tmp_path):
+    """No texts, no model: query by embeddings; the prefilter vector comes from W alone."""
+    folders = [hf_folder(tmp_path / f"e{i}", random_esm(32, 10 + i), task_id=f"t{i}", task_subset=None) for i in range(6)]
+    cli("import-esm", remote_index, *folders)
+    rng = np.random.default_rng(0)
+    labels = np.repeat(["a", "b", "c"], 20)
+    X = rng.standard_normal((60, 32)) + 2 * (labels[:, None] == "a") * rng.standard_normal(32)
+    with ESMIndex.open(remote_index, readonly=True) as index:
+        full = index.query_embeddings(X, labels, candidates=None)
+        cut = index.query_embeddings(X, labels, candidates=3)
+        stored = {r.name: r for r in index.store.records()}
+    esms = [ESM.load(f) for f in folders]
+    expected = logme_from_stats([e.weight for e in esms], [e.bias for e in esms], TargetStats.from_embeddings(X, labels))
+    assert {r.source: r.score for r in full} == pytest.approx({f"t{i}": s for i, s in enumerate(expected)})
+    assert cut.candidates == 3 and len(cut) == 3
+    assert all(r.score == pytest.approx(dict((s.source, s.score) for s in full)[r.source]) for r in cut)
+    assert all("prefilter.vector" in r.arrays and "stats.mapped_mean" not in r.arrays for r in stored.values())
+    np.save(tmp_path / "X.npy", X)
+    np.save(tmp_path / "y.npy", labels)
+    by_cli = json.loads(cli("query", remote_index, "--embeddings", tmp_path / "X.npy", "--labels", tmp_path / "y.npy",
+                            "--json", "--candidates", "all").stdout)
+    assert [r["source"] for r in by_cli["results"]] == [r.source for r in full]
+    task = tmp_path / "t.csv"
+    task.write_text("text,label\ncat,a\ndog,b\n")
+    assert "org/base-32" in cli("query", remote_index, task, ok=False).stderr  # no model to embed texts
+
+
+def test_import_refusals_change_nothing(remote_index, tmp_path):
+    good = hf_folder(tmp_path / "good", random_esm(32, 0))
+    cases = {
+        "other base model": ([hf_folder(tmp_path / "o", random_esm(32, 1), base_model_name="org/other")],
+                             "o/config.json: an ESM for base model 'org/other'"),
+        "other dimension": ([hf_folder(tmp_path / "s", random_esm(16, 1), esm_embedding_dim=16)],
+                            "s/model.safetensors: a 16-d ESM; this index is 32-d"),
+        "no base model": ([hf_folder(tmp_path / "n", random_esm(32, 1), base_model_name=None)], "--base-model"),
+        "disagreeing base model": ([good, "--base-model", "org/else"], "is not the given 'org/else'"),
+        "one bad of two": ([good, tmp_path / "missing"], "missing/config.json: missing"),
+        "same name twice": ([good, good], "a second ESM named 'glue:mnli'"),
+        "a name for two": ([good, good, "--name", "x"], "a name is for one imported ESM"),
+        "bad name": ([hf_folder(tmp_path / "q", random_esm(32, 1), task_id="bad\nname")], "invalid source name"),
+    }
+    before = sources(remote_index)
+    for case, (args, message) in cases.items():
+        assert message in cli("import-esm", remote_index, *args, ok=False).stderr, case
+    for case, (folder, message) in broken_folders(tmp_path / "broken").items():
+        assert message in cli("import-esm", remote_index, good, folder, ok=False).stderr, case
+    assert sources(remote_index) == before
+    cli("import-esm", remote_index, hf_folder(tmp_path / "n2", random_esm(32, 1), base_model_name=None),
+        "--base-model", "org/base-32", "--name", "vouched")
+    assert "vouched" in sources(remote_index)[0]
+
+
+def test_import_and_export_through_a_triangular_index(tmp_path):
+    path = tmp_path / "tri"
+    cli("init", path, "--base-model", "org/base-32", "--dim", "32", "--storage", "triangular-int8")
+    esm = random_esm(32, 9)
+    cli("import-esm", path, hf_folder(tmp_path / "in", esm))
+    assert json.loads(cli("info", path, "--json").stdout)["storage"] == "triangular-int8"
+    with ESMIndex.open(path, readonly=True) as index:
+        assert index.store.get("glue:mnli").arrays["esm.r"].dtype == np.uint8
+    cli("export-esm", path, "glue:mnli", tmp_path / "out")  # the stored map: a rotation of the imported one
+    exported = ESM.load(tmp_path / "out")
+    np.testing.assert_array_equal(exported.weight, ESM.from_arrays(esm.to_arrays("triangular-int8")).weight)

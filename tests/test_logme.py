@@ -1,0 +1,201 @@
+"""LogME: the fast paths against a plain SVD-based reference written out below, thuml-style."""
+
+import numpy as np
+import pytest
+
+from esm_index.errors import ESMIndexError
+from esm_index.logme import TargetStats, encode_labels, logme_from_stats, logme_score
+
+RTOL = 1e-8
+
+
+def reference_logme(F, Y):
+    """thuml/LogME `_fit_fixed_point`, one class at a time, on the SVD of F, with the module's rank cut-off."""
+    n, d = F.shape
+    u, s, _ = np.linalg.svd(F, full_matrices=False)
+    s2 = s**2
+    keep = (s > 1e-10) & (s2 > s2.max() * max(n, d) * np.finfo(float).eps)
+    u, sigma = u[:, keep], s2[keep]
+    evidences = []
+    for y in Y.T:
+        x2 = (u.T @ y) ** 2
+        res_x2 = max((y**2).sum() - x2.sum(), 0.0)
+        alpha, beta = 1.0, 1.0
+        for _ in range(11):
+            t = alpha / beta
+            gamma = (sigma / (sigma + t)).sum()
+            m2 = (sigma * x2 / ((t + sigma) ** 2)).sum()
+            res2 = (x2 / ((1 + sigma / t) ** 2)).sum() + res_x2
+            alpha = gamma / (m2 + 1e-5)
+            beta = (n - gamma) / (res2 + 1e-5)
+            t_ = alpha / beta
+            if abs(t_ - t) / t <= 1e-3:
+                break
+        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.sum(np.log(alpha + beta * sigma))
+                    - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))
+        evidences.append(evidence / n)
+    return float(np.mean(evidences))
+
+
+def random_esms(rng, K, d, noise=0.3):
+    W = np.eye(d) + noise * rng.standard_normal((K, d, d)) / np.sqrt(d)
+    return W, 0.1 * rng.standard_normal((K, d))
+
+
+def check_all_paths(X, labels, W, b, regression=False):
+    """Reference on materialised F == logme_score == logme_from_stats, ESM by ESM."""
+    Y = encode_labels(labels, regression)
+    stats = TargetStats.from_embeddings(X, labels, regression)
+    fast = logme_from_stats(W, b, stats, batch_size=2)
+    for k in range(len(W)):
+        F = X @ W[k].T + b[k]
+        ref = reference_logme(F, Y)
+        assert np.isfinite(ref)
+        np.testing.assert_allclose(logme_score(F, labels, regression), ref, rtol=RTOL)
+        np.testing.assert_allclose(fast[k], ref, rtol=RTOL)
+
+
+def clustered(rng, n, d, C):
+    """Features with real class structure, so LogME has signal to find."""
+    y = rng.integers(0, C, n)
+    X = rng.standard_normal((C, d))[y] + rng.standard_normal((n, d))
+    return X, y
+
+
+def test_classification_string_labels():
+    rng = np.random.default_rng(0)
+    X, y = clustered(rng, 300, 24, 4)
+    labels = np.array(["cat", "dog", "emu", "yak"])[y]
+    check_all_paths(X, labels, *random_esms(rng, 5, 24))
+
+
+def test_regression_single_and_multi_output():
+    rng = np.random.default_rng(1)
+    X = rng.standard_normal((200, 16))
+    y = X @ rng.standard_normal(16) + 0.5 * rng.standard_normal(200)
+    check_all_paths(X, y, *random_esms(rng, 3, 16), regression=True)
+    Y = np.column_stack([y, np.sin(X[:, 0]), X[:, 1] ** 2])
+    check_all_paths(X, Y, *random_esms(rng, 3, 16), regression=True)
+
+
+def test_entries_stop_at_their_own_iteration():
+    # reference iteration counts per (ESM scale, column): 0.01 -> 9, 11 (cap); 1 -> 3, 11; 100 -> 2, 4
+    rng = np.random.default_rng(8)
+    X = rng.standard_normal((40, 10))
+    Y = np.column_stack([X @ rng.standard_normal(10) + 0.1 * rng.standard_normal(40), rng.standard_normal(40)])
+    W = np.array([s * np.eye(10) for s in (0.01, 1.0, 100.0)])
+    check_all_paths(X, Y, W, np.zeros((3, 10)), regression=True)
+
+
+def test_labels_need_not_be_contiguous_integers():
+    rng = np.random.default_rng(2)
+    X, y = clustered(rng, 120, 8, 3)
+    F = X
+    assert logme_score(F, np.array([7, 42, -3])[y]) == pytest.approx(logme_score(F, y), rel=1e-12)
+
+
+@pytest.mark.parametrize("case", ["n_below_d", "duplicate_features", "constant_features",
+                                  "single_example_class", "rank_deficient_map"])
+def test_degenerate_inputs_agree(case):
+    rng = np.random.default_rng(3)
+    d = 20
+    X, y = clustered(rng, 150, d, 3)
+    W, b = random_esms(rng, 4, d)
+    if case == "n_below_d":
+        X, y = X[:12], y[:12]
+    elif case == "duplicate_features":
+        X[:, 10:] = X[:, :10]
+    elif case == "constant_features":
+        X[:, 5:9] = 2.5
+    elif case == "single_example_class":
+        y[0] = 3
+    elif case == "rank_deficient_map":
+        W[:, :, 6:] = 0.0          # F depends on only 6 input dimensions
+        W[:, 3] = W[:, 2]          # and two output features coincide
+    check_all_paths(X, y, W, b)
+
+
+def test_identity_map_equals_plain_logme_of_embeddings():
+    rng = np.random.default_rng(4)
+    X, y = clustered(rng, 100, 12, 2)
+    stats = TargetStats.from_embeddings(X, y)
+    score = logme_from_stats([np.eye(12, dtype=np.float32)], np.zeros((1, 12)), stats)
+    np.testing.assert_allclose(score, [logme_score(X, y)], rtol=RTOL)
+
+
+def test_batching_and_dtypes_do_not_change_scores():
+    rng = np.random.default_rng(5)
+    X, y = clustered(rng, 80, 10, 3)
+    W, b = random_esms(rng, 7, 10)
+    W = W.astype(np.float32)
+    stats = TargetStats.from_embeddings(X, y)
+    whole = logme_from_stats(W, b, stats, batch_size=64)
+    np.testing.assert_array_equal(logme_from_stats(list(W), b, stats, batch_size=3), whole)
+    assert logme_from_stats(W[:0], b[:0], stats).shape == (0,)
+
+
+def test_non_finite_or_empty_maps_give_nan():
+    rng = np.random.default_rng(6)
+    X, y = clustered(rng, 60, 6, 2)
+    W, b = random_esms(rng, 3, 6)
+    W[0, 1, 1] = np.nan
+    W[1], b[1] = 0.0, 0.0
+    scores = logme_from_stats(W, b, TargetStats.from_embeddings(X, y))
+    assert np.isnan(scores[:2]).all() and np.isfinite(scores[2])
+    assert np.isnan(logme_score(np.zeros((10, 3)), [0, 1] * 5))
+
+
+def test_encode_labels():
+    Y = encode_labels(["b", "a", "b", "c"], regression=False)
+    np.testing.assert_array_equal(Y, [[0, 1, 0], [1, 0, 0], [0, 1, 0], [0, 0, 1]])
+    assert encode_labels([1.5, 2.0], regression=True).shape == (2, 1)
+    assert encode_labels(np.ones((3, 2)), regression=True).dtype == np.float64
+
+
+@pytest.mark.parametrize("labels, regression", [
+    (["a", "a", "a"], False),
+    ([1.0, np.nan], False),
+    ([[0, 1], [1, 0]], False),
+    ([0.5, np.inf], True),
+    (["x", "y"], True),
+    (np.ones((2, 2, 2)), True),
+])
+def test_bad_labels(labels, regression):
+    with pytest.raises(ESMIndexError):
+        encode_labels(labels, regression)
+
+
+def test_bad_inputs():
+    X = np.random.default_rng(7).standard_normal((10, 4))
+    y = [0, 1] * 5
+    with pytest.raises(ESMIndexError):
+        logme_score(X, y[:-1])
+    with pytest.raises(ESMIndexError):
+        logme_score(np.where(X > 1, np.nan, X), y)
+    with pytest.raises(ESMIndexError):
+        TargetStats.from_embeddings(X[:, 0], y)
+    with pytest.raises(ESMIndexError):
+        TargetStats.from_embeddings(np.empty((0, 4)), [])
+    stats = TargetStats.from_embeddings(X, y)
+    with pytest.raises(ESMIndexError):
+        logme_from_stats(np.ones((2, 4, 4)), np.ones((3, 4)), stats)
+    with pytest.raises(ESMIndexError):
+        logme_from_stats(np.ones((2, 5, 5)), np.ones((2, 5)), stats)
+    with pytest.raises(ESMIndexError):
+        logme_from_stats(np.ones((2, 4, 4)), np.ones((2, 4)), stats, batch_size=0)
+
+
+def test_scan_restores_blas_threads():
+    from threadpoolctl import threadpool_info
+
+    before = [lib["num_threads"] for lib in threadpool_info()]
+    X, y = clustered(np.random.default_rng(9), 30, 5, 2)
+    logme_from_stats(np.eye(5)[None], np.zeros((1, 5)), TargetStats.from_embeddings(X, y))
+    assert [lib["num_threads"] for lib in threadpool_info()] == before
+
+
+def test_inconsistent_stats_rejected():
+    with pytest.raises(ESMIndexError):
+        TargetStats(A=np.eye(3), B=np.ones((4, 2)), yy=np.ones(2), n=5)
+    with pytest.raises(ESMIndexError):
+        TargetStats(A=np.eye(3), B=np.ones((3, 2)), yy=np.ones(2), n=0)

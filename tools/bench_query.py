@@ -1,0 +1,271 @@
+"""Query latency by stage, memory, disk and recall of the prefilter, for pools of 10^3 to 10^6 ESMs.
+
+Pools are derived from the real ESMs of an index by tools/pool.py (Dirichlet mixtures of real maps; see
+its docstring). For each pool size N, in a fresh process (so peak memory is that size's own):
+  build      every ESM's prefilter sketch (by linearity, equal to the materialised maps' sketches), its
+             FAISS vector and the FAISS index the index would build (exhaustive <= exact_max, IVF beyond),
+             saved with Prefilter.save; sketches kept in a memory-mapped .npy, as LMDB would page them in.
+  per target, from precomputed base embeddings of its texts, --repeats times (p50 and p90 reported):
+    statistics  TargetStats (A, B) of the target
+    prefilter   the target's vector in the basis and the FAISS search of the shortlist
+    shortlist   stage 2: LogME through the basis of the shortlisted sketches, top `candidates` kept
+    rescore     exact ESM-LogME of the candidates
+    query       the sum of the four; `+embed` adds embedding the target's texts with the base model
+                (timed once per run on the first target).
+    materialise rebuilding the candidates' maps from the compact pool, timed apart and not in `query`:
+                an index reads them from LMDB instead (see `lmdb` below).
+  exact      the full scan of the same pool: ESM-LogME of all N maps, for --scan-targets targets; scores
+             are cached under --cache in chunks (resumable; a resumed scan reports the time summed over
+             its runs). recall@k = share of the scan's top k among the candidates, after stage 1 alone
+             (FAISS top K) and after stages 1 + 2 (stage 2's top K of the FAISS shortlist).
+  lmdb       for N <= --index-max, the same pool written to a real index and queried end to end with
+             ESMIndex.query_embeddings (LMDB reads and all): p50 of its total.
+
+    python tools/bench_query.py indexes/default --sizes 1000 10000 100000 [--scan-targets 4] [--json out.json]
+    python tools/bench_query.py REAL --sizes 1000 --quick     # 2 targets, 1 repeat: a smoke run
+
+REAL is an index folder or a folder of ESM folders; targets are the "target" tasks of --tasks.
+"""
+
+import argparse
+import hashlib
+import json
+import os
+import resource
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import faiss  # noqa: F401  (faiss before torch: both bring OpenMP)
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).parent))
+from pool import DerivedPool, load_real  # noqa: E402
+
+from esm_index.data import TARGET_MAX_EXAMPLES, read_task  # noqa: E402
+from esm_index.embed import DEFAULT_BASE_MODEL, Encoder  # noqa: E402
+from esm_index.evaluate import recall_at_k  # noqa: E402
+from esm_index.logme import TargetStats, encode_labels, logme_from_stats  # noqa: E402
+from esm_index.prefilter import Prefilter, PrefilterConfig, TargetQuery, faiss_index, search_vector  # noqa: E402
+
+RECALL_K = (5, 10)
+CANDIDATES = (10, 20, 50, 100, 200)
+STAGE1_K = (50, 100, 200, 1000)
+
+
+def targets(tasks, cache, base_model):
+    """{name: (X, labels)} of the target tasks, base embeddings cached under `cache`."""
+    manifest = json.loads((tasks / "manifest.json").read_text())
+    out, encoder = {}, None
+    for task in manifest["tasks"]:
+        if task["role"] != "target":
+            continue
+        file = cache / f"{task['name']}.npz"
+        if not file.exists():
+            encoder = encoder or Encoder(base_model)
+            data = read_task(tasks / task["name"] / "train.csv", max_examples=TARGET_MAX_EXAMPLES)
+            np.savez(file, X=encoder.embed(data.texts), labels=data.labels)
+        saved = np.load(file)
+        out[task["name"]] = saved["X"].astype(np.float64), saved["labels"]
+    return out
+
+
+def embed_seconds(tasks, name, base_model):
+    """Wall time to embed one target's texts with the base model (model load excluded)."""
+    encoder = Encoder(base_model)
+    encoder._load()
+    data = read_task(tasks / name / "train.csv", max_examples=TARGET_MAX_EXAMPLES)
+    started = time.perf_counter()
+    encoder.embed(data.texts)
+    return time.perf_counter() - started
+
+
+def exact_scan(pool, X, labels, file, batch=256):
+    """ESM-LogME of every map of the pool; resumable through `file` (scores so far and seconds spent)."""
+    if file.exists():
+        saved = np.load(file)
+        scores, seconds = saved["scores"], float(saved["seconds"])
+    else:
+        scores, seconds = np.full(len(pool), np.nan), 0.0
+    stats = TargetStats.from_embeddings(X, labels)
+    todo = int(np.argmax(np.isnan(scores))) if np.isnan(scores).any() else len(pool)
+    for start in range(todo, len(pool), batch * 16):
+        started = time.perf_counter()
+        for chunk in range(start, min(start + batch * 16, len(pool)), batch):
+            ids = np.arange(chunk, min(chunk + batch, len(pool)))
+            scores[ids] = logme_from_stats(*pool.materialise(ids), stats)
+        seconds += time.perf_counter() - started
+        np.savez(file, scores=scores, seconds=seconds)
+    return scores, seconds
+
+
+def run_size(args, size):
+    """Everything measured for one pool size; returns a JSON-able dict."""
+    faiss.omp_set_num_threads(args.threads)
+    config = PrefilterConfig()
+    names, weights, biases = load_real(args.real)
+    pool = DerivedPool.derive(names, weights, biases, size, seed=args.seed)
+    tag = hashlib.sha1(json.dumps([names, size, args.seed]).encode()).hexdigest()[:12]
+    work = args.cache / f"pool-{size}-{tag}"
+    work.mkdir(parents=True, exist_ok=True)
+    dim = weights.shape[1]
+    out = {"size": size, "real": len(names), "dim": dim, "config": vars(config)}
+
+    started = time.perf_counter()
+    sketch_file = work / "sketches.npy"
+    if not sketch_file.exists():
+        np.save(work / "sketches.tmp.npy", pool.sketches(config.sketch_basis(dim)))
+        (work / "sketches.tmp.npy").replace(sketch_file)
+    sketches = np.load(sketch_file, mmap_mode="r")
+    vectors = np.concatenate([search_vector(sketches[s : s + 65536], config.basis(dim).shape[1])
+                              for s in range(0, size, 65536)])
+    out["sketch_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    prefilter = Prefilter(faiss_index(vectors, np.arange(size, dtype=np.int64), config), 0)
+    out["faiss_build_seconds"] = time.perf_counter() - started
+    out["faiss_type"] = type(prefilter.index).__name__
+    prefilter.save(work)
+    out["faiss_file_bytes"] = (work / "prefilter.npz").stat().st_size
+    out["sketch_file_bytes"] = sketch_file.stat().st_size
+    del vectors
+
+    data = targets(args.tasks, args.cache, args.base_model)
+    names_t = list(data)[: args.targets]
+    out["targets"] = names_t
+    latency, recall = {}, {}
+    for t, name in enumerate(names_t):
+        X, labels = data[name]
+        Y = encode_labels(labels, False)
+        for _ in range(args.repeats):
+            times = {}
+            started = time.perf_counter()
+            stats = TargetStats.from_embeddings(X, labels)
+            times["statistics"] = time.perf_counter() - started
+            started = time.perf_counter()
+            query = TargetQuery(X, Y, False, config)
+            ids = np.asarray(prefilter.search(query.vector, config.shortlist))
+            times["prefilter"] = time.perf_counter() - started
+            started = time.perf_counter()
+            approx = query.scores(sketches[np.sort(ids)])
+            ranked = np.sort(ids)[np.argsort(-np.nan_to_num(approx, nan=-np.inf), kind="stable")]
+            candidates = ranked[: args.candidates]
+            times["shortlist"] = time.perf_counter() - started
+            started = time.perf_counter()
+            W, b = pool.materialise(candidates)
+            times["materialise"] = time.perf_counter() - started
+            started = time.perf_counter()
+            logme_from_stats(W, b, stats)
+            times["rescore"] = time.perf_counter() - started
+            times["query"] = sum(times[k] for k in ("statistics", "prefilter", "shortlist", "rescore"))
+            for key, value in times.items():
+                latency.setdefault(key, []).append(value)
+        if t < args.scan_targets:
+            scores, seconds = exact_scan(pool, X, labels, work / f"scan-{name}.npz")
+            latency.setdefault("exact_scan", []).append(seconds)
+            stage1 = np.asarray(prefilter.search(query.vector, max(STAGE1_K)))
+            for k in RECALL_K:
+                for K in STAGE1_K:
+                    recall.setdefault(f"stage1 r@{k} K={K}", []).append(recall_at_k(scores, stage1[:K], k))
+                for K in CANDIDATES:
+                    recall.setdefault(f"stages1+2 r@{k} K={K}", []).append(recall_at_k(scores, ranked[:K], k))
+        print(f"  {size}: {name} done", file=sys.stderr, flush=True)
+    out["latency_p50"] = {k: float(np.median(v)) for k, v in latency.items()}
+    out["latency_p90"] = {k: float(np.percentile(v, 90)) for k, v in latency.items()}
+    out["recall"] = {k: float(np.mean(v)) for k, v in recall.items()}
+    out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    if size <= args.index_max:
+        out["lmdb_query_p50"] = index_query(pool, work, data, names_t, args)
+    return out
+
+
+def index_query(pool, work, data, names_t, args):
+    """p50 of ESMIndex.query_embeddings on a real index holding the pool (built once, then reused)."""
+    from esm_index.index import ESMIndex
+
+    path = work / "index"
+    if not (path / "data.mdb").exists():
+        pool.to_index(work / "index.tmp", args.base_model)
+        (work / "index.tmp").rename(path)
+    with ESMIndex.open(path, readonly=True) as index:
+        index.prefilter()
+        times = []
+        for name in names_t:
+            for _ in range(args.repeats):
+                started = time.perf_counter()
+                index.query_embeddings(*data[name], candidates=args.candidates)
+                times.append(time.perf_counter() - started)
+    return float(np.median(times))
+
+
+def report(results, embed):
+    """The figures as Markdown tables."""
+    lines = [f"embedding one target's texts (base model, first target): {embed:.2f} s" if embed else ""]
+    stages = ("statistics", "prefilter", "shortlist", "rescore", "query", "materialise")
+    lines += ["", "| N | FAISS | " + " | ".join(f"{s} p50" for s in stages) + " | query+embed p50 | exact scan "
+              "| speed-up | lmdb query p50 | peak RSS | FAISS file | sketches file |",
+              "|" + "---|" * (len(stages) + 8)]
+    for r in results:
+        p50 = r["latency_p50"]
+        scan = p50.get("exact_scan")
+        lines.append(
+            f"| {r['size']:,} | {r['faiss_type']} | " + " | ".join(f"{p50[s] * 1000:.0f} ms" for s in stages)
+            + f" | {(p50['query'] + embed) if embed else float('nan'):.2f} s"
+            + (f" | {scan:.0f} s | {scan / p50['query']:.0f}x" if scan else " | - | -")
+            + (f" | {r['lmdb_query_p50'] * 1000:.0f} ms" if "lmdb_query_p50" in r else " | -")
+            + f" | {r['peak_rss_bytes'] / 2**20:.0f} MiB | {r['faiss_file_bytes'] / 2**20:.1f} MiB"
+            f" | {r['sketch_file_bytes'] / 2**20:.1f} MiB |")
+    keys = sorted({k for r in results for k in r["recall"]}, key=lambda k: (k.split()[0], k.split()[1],
+                                                                            int(k.split("=")[1])))
+    if keys:
+        lines += ["", "| recall (mean over scanned targets) | " + " | ".join(f"N={r['size']:,}" for r in results)
+                  + " |", "|---|" + "---|" * len(results)]
+        for key in keys:
+            lines.append(f"| {key} | " + " | ".join(f"{r['recall'][key]:.3f}" if key in r["recall"] else "-"
+                                                     for r in results) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("real", type=Path, help="index folder or folder of ESM folders with the real ESMs")
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1000, 10000, 100000])
+    parser.add_argument("--tasks", type=Path, default=Path("data/tasks"))
+    parser.add_argument("--cache", type=Path, default=Path("data/bench"))
+    parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
+    parser.add_argument("--targets", type=int, default=12, help="targets queried per size")
+    parser.add_argument("--scan-targets", type=int, default=4, help="targets whose exact full scan is run")
+    parser.add_argument("--candidates", type=int, default=PrefilterConfig().candidates if hasattr(
+        PrefilterConfig, "candidates") else 20, help="candidates rescored exactly")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--index-max", type=int, default=1000, help="largest N also queried as a real index")
+    parser.add_argument("--threads", type=int, default=int(os.environ.get("ESM_INDEX_THREADS", 2)))
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--quick", action="store_true", help="2 targets, 1 repeat, 1 scan")
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size, JSON to stdout
+    args = parser.parse_args()
+    if args.quick:
+        args.targets, args.repeats, args.scan_targets = 2, 1, 1
+    args.cache.mkdir(parents=True, exist_ok=True)
+    if args.one:
+        print(json.dumps(run_size(args, args.one)))
+        return
+
+    print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start", file=sys.stderr)
+    data = targets(args.tasks, args.cache, args.base_model)
+    embed = embed_seconds(args.tasks, next(iter(data)), args.base_model)
+    results = []
+    for size in args.sizes:
+        child = [sys.executable, __file__, *sys.argv[1:], "--one", str(size)]
+        done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True)
+        results.append(json.loads(done.stdout.strip().splitlines()[-1]))
+    load = os.getloadavg()[0]
+    print(f"load average at end: {load:.1f} ({os.cpu_count()} cores)")
+    print(report(results, embed))
+    if args.json:
+        args.json.write_text(json.dumps({"embed_seconds": embed, "results": results}, indent=2) + "\n")
+
+
+if __name__ == "__main__":
+    main()
