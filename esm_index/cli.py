@@ -14,6 +14,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, Ti
 from rich.table import Table
 
 from .errors import ESMIndexError
+from .query import DEFAULT_CANDIDATES
 
 app = typer.Typer(
     help="Rank intermediate tasks (sources) for a target dataset with Embedding Space Maps and LogME.",
@@ -191,7 +192,7 @@ def query(
     embeddings: Optional[Path] = typer.Option(None, help="Precomputed base embeddings (.npy, n x d) instead of DATA."),
     labels: Optional[Path] = typer.Option(None, help="Labels (.npy) for --embeddings."),
     top_k: int = typer.Option(10, help="How many sources to print."),
-    candidates: str = typer.Option("200", help="How many prefilter candidates to rescore exactly, or 'all'."),
+    candidates: str = typer.Option(str(DEFAULT_CANDIDATES), help="How many prefilter candidates to rescore exactly, or 'all'."),
     text_column: Optional[str] = TEXT_COLUMN,
     label_column: Optional[str] = LABEL_COLUMN,
     regression: bool = REGRESSION,

@@ -131,5 +131,5 @@ def read_task(path, text_column=None, label_column=None, regression=False, max_e
     else:
         label_array = np.asarray(labels, dtype=str)
         if len(np.unique(label_array)) < 2:
-            raise ESMIndexError(f"{path}: only one class ({label_array[0]!r}); need at least two")
+            raise ESMIndexError(f"{path}: only one class ({str(label_array[0])!r}); need at least two")
     return Task(texts, label_array, regression).subsample(max_examples, seed)

@@ -48,6 +48,7 @@ from esm_index.embed import DEFAULT_BASE_MODEL, Encoder  # noqa: E402
 from esm_index.evaluate import recall_at_k  # noqa: E402
 from esm_index.logme import TargetStats, encode_labels, logme_from_stats  # noqa: E402
 from esm_index.prefilter import Prefilter, PrefilterConfig, TargetQuery, faiss_index, search_vector  # noqa: E402
+from esm_index.query import DEFAULT_CANDIDATES  # noqa: E402
 
 RECALL_K = (5, 10)
 CANDIDATES = (10, 20, 50, 100, 200)
@@ -235,8 +236,7 @@ def main():
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument("--targets", type=int, default=12, help="targets queried per size")
     parser.add_argument("--scan-targets", type=int, default=4, help="targets whose exact full scan is run")
-    parser.add_argument("--candidates", type=int, default=PrefilterConfig().candidates if hasattr(
-        PrefilterConfig, "candidates") else 20, help="candidates rescored exactly")
+    parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="candidates rescored exactly")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--index-max", type=int, default=1000, help="largest N also queried as a real index")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ESM_INDEX_THREADS", 2)))
