@@ -81,8 +81,8 @@ def init(
     base_model: str = typer.Option("sentence-transformers/all-MiniLM-L6-v2", help="Model folder or packaged name."),
     dim: Optional[int] = typer.Option(None, help="Embedding dimension; when given, the model is not loaded now."),
     pooling: Optional[str] = typer.Option(None, help="mean | pooler | cls (default: by model kind)."),
-    storage: str = typer.Option("float32", help="How records keep each ESM: float32 | float16 | triangular-float16 "
-                                                "| triangular-int8 (R of [W, b] = QR: same ranking, 25% / 13%)."),
+    storage: str = typer.Option("float32", help="How records keep each ESM: float32 | triangular-float16 (R of "
+                                                "[W, b] = QR in float16: a quarter of the bytes, same ranking)."),
 ):
     """Create an empty index for one base model."""
     from .index import ESMIndex

@@ -185,12 +185,20 @@ def test_bad_inputs():
         logme_from_stats(np.ones((2, 4, 4)), np.ones((2, 4)), stats, batch_size=0)
 
 
-def test_scan_restores_blas_threads():
+def test_concurrent_scans_agree_and_restore_blas_threads():
+    from concurrent.futures import ThreadPoolExecutor
+
     from threadpoolctl import threadpool_info
 
     before = [lib["num_threads"] for lib in threadpool_info()]
-    X, y = clustered(np.random.default_rng(9), 30, 5, 2)
-    logme_from_stats(np.eye(5)[None], np.zeros((1, 5)), TargetStats.from_embeddings(X, y))
+    rng = np.random.default_rng(9)
+    X, y = clustered(rng, 60, 8, 2)
+    W, b = random_esms(rng, 6, 8)
+    stats = TargetStats.from_embeddings(X, y)
+    with ThreadPoolExecutor(3) as pool:
+        runs = list(pool.map(lambda _: logme_from_stats(W, b, stats, batch_size=2), range(3)))
+    for run in runs:
+        np.testing.assert_array_equal(run, runs[0])
     assert [lib["num_threads"] for lib in threadpool_info()] == before
 
 

@@ -143,7 +143,8 @@ def test_pool_sketches_equal_those_of_the_materialised_maps():
     pool_module = load_pool_module()
     W, b = structured_maps(6)
     pool = pool_module.DerivedPool.derive([f"r{k}" for k in range(6)], W, b, 50, seed=3)
-    assert len(pool) == 50 and pool.name(2) == "r2" and pool.name(20).startswith("mix20:")
+    assert len(pool) == 50 and pool.name(2) == "r2" and pool.name(20) == "mix20"
+    assert pool.recipe(2) == {"r2": 1.0} and sum(pool.recipe(20).values()) == pytest.approx(1, abs=1e-3)
     np.testing.assert_allclose(pool.mix.sum(1), 1, rtol=1e-6)
     Wm, bm = pool.materialise(np.arange(6))
     np.testing.assert_array_equal(Wm, W)  # the real maps come first, unchanged

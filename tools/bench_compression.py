@@ -7,10 +7,11 @@ For every target in data/tasks (role "target"), every ESM is scored with ESM-Log
 and compared with float32: Spearman's rho of the scores and whether the top-5 is the same (as a set, and
 in order). A form is accepted when every target keeps rho >= 0.99 and the same top-5 set.
 
-Forms: the index's STORAGE_FORMS, and a rejected candidate kept here only to show why: W ~ D + U V^T
-(diagonal plus rank r, alternating least squares, factors in float16). Bytes per source are those of the
-ESM's arrays in a record (the prefilter's vectors and the statistics come on top, in every form), at the
-pool's d and at d = 768 (encoding a 768-d map), against the reference's 2,362,368 bytes.
+Forms: the index's STORAGE_FORMS, and the candidates measured and rejected, kept here only to show
+why: W and b in float16; the triangular factor R of [W, b] as int8 steps with a float32 scale per row;
+W ~ D + U V^T (diagonal plus rank r by alternating least squares, U and V in float16). Bytes per source
+are those of the ESM's arrays in a record (the prefilter's vectors and the statistics come on top, in
+every form), at the pool's d and at d = 768, against the reference's 2,362,368 bytes.
 
     python tools/bench_compression.py [--max-texts 500] [--ranks 16 64 128] [--threads 2]
 
@@ -80,6 +81,24 @@ def stored_form(form):
             lambda d: sum(a.nbytes for a in ESM(np.eye(d), np.zeros(d)).to_arrays(form).values()))
 
 
+def half_precision():
+    """The rejected candidate: W and b rounded to float16."""
+    return (lambda esm: ESM(esm.weight.astype(np.float16), esm.bias.astype(np.float16)),
+            lambda d: d * (d + 1) * 2)
+
+
+def triangular_int8():
+    """The rejected candidate: R of [W, b] = Q R as int8 steps of one float32 scale per row."""
+
+    def approximate(esm):
+        R = np.linalg.qr(np.hstack([esm.weight, esm.bias[:, None]]).astype(np.float64), mode="r")
+        scale = np.abs(R).max(1, keepdims=True) / 127
+        R = np.round(R / np.where(scale > 0, scale, 1)) * scale.astype(np.float32)
+        return ESM(R[:, :-1], R[:, -1])
+
+    return approximate, lambda d: d * (d + 3) // 2 + d * 4
+
+
 def diagonal_plus_low_rank(rank, iterations=5):
     """The rejected candidate: W ~ D + U V^T by alternating least squares, U and V in float16."""
 
@@ -120,6 +139,7 @@ def main():
     print("| form | bytes/source (d=%d) | bytes/source (d=768) | %% of 2.36 MB | rho min | rho mean | same top-5 set "
           "| same top-5 order | max score change | accepted |\n|---|---|---|---|---|---|---|---|---|---|" % d)
     forms = {form: stored_form(form) for form in STORAGE_FORMS}
+    forms.update({"float16 (candidate)": half_precision(), "triangular int8 (candidate)": triangular_int8()})
     forms.update({f"diagonal + rank {r} (candidate)": diagonal_plus_low_rank(r) for r in args.ranks})
     for name, (approximate, size) in forms.items():
         stored = [approximate(e) for e in exact]

@@ -4,7 +4,7 @@ For each (d, n): a target X with an embedding-like decaying spectrum and C class
 W = I + noise (float32, as stored). Per ESM:
   ref        F = X W^T + b, then thuml LogME: SVD of F^T F (truncated_svd), U = F V / s, a loop per class;
              "ref" runs as thuml does (threaded BLAS), "ref 1/thr" one ESM per thread with 1-thread BLAS
-  stats      logme_from_stats; the one-off A, B and root of A ("stats once") are timed apart
+  stats      logme_from_stats; the one-off A, B and factor of A ("stats once") are timed apart
   eigh       np.linalg.eigh of the same matrices G = W~ A W~^T (built untimed): batched with threaded
              BLAS, and "eigh 1/thr" one matrix per thread with 1-thread BLAS (how the stats path runs);
              batched eigvalsh too: no eigenvectors, a bound that no exact path here reaches
@@ -101,7 +101,7 @@ def bench(d, n, K, K_ref, K_floor, C, batch_size, threads, rng):
 
     def stats_once():
         stats = TargetStats.from_embeddings(X, y)
-        stats.root  # noqa: B018 - the cached factor of A is part of the one-off cost
+        stats.factor  # noqa: B018 - the cached factor of A is part of the one-off cost
         return stats
 
     row["stats_once"], stats = clock(stats_once)

@@ -59,6 +59,7 @@ def targets(tasks, cache, base_model):
     """{name: (X, labels)} of the target tasks, base embeddings cached under `cache`."""
     manifest = json.loads((tasks / "manifest.json").read_text())
     out, encoder = {}, None
+    cache.mkdir(parents=True, exist_ok=True)
     for task in manifest["tasks"]:
         if task["role"] != "target":
             continue
@@ -105,7 +106,7 @@ def run_size(args, size):
     """Everything measured for one pool size; returns a JSON-able dict."""
     faiss.omp_set_num_threads(args.threads)
     config = PrefilterConfig()
-    names, weights, biases = load_real(args.real)
+    names, weights, biases, base_model = load_real(args.real)
     pool = DerivedPool.derive(names, weights, biases, size, seed=args.seed)
     tag = hashlib.sha1(json.dumps([names, size, args.seed]).encode()).hexdigest()[:12]
     work = args.cache / f"pool-{size}-{tag}"
@@ -131,7 +132,7 @@ def run_size(args, size):
     out["sketch_file_bytes"] = sketch_file.stat().st_size
     del vectors
 
-    data = targets(args.tasks, args.cache, args.base_model)
+    data = targets(args.tasks, args.cache / "targets", args.base_model)
     names_t = list(data)[: args.targets]
     out["targets"] = names_t
     latency, recall = {}, {}
@@ -161,7 +162,7 @@ def run_size(args, size):
             times["query"] = sum(times[k] for k in ("statistics", "prefilter", "shortlist", "rescore"))
             for key, value in times.items():
                 latency.setdefault(key, []).append(value)
-        if t < args.scan_targets:
+        if t < args.scan_targets and size <= args.scan_max:
             scores, seconds = exact_scan(pool, X, labels, work / f"scan-{name}.npz")
             latency.setdefault("exact_scan", []).append(seconds)
             stage1 = np.asarray(prefilter.search(query.vector, max(STAGE1_K)))
@@ -176,17 +177,17 @@ def run_size(args, size):
     out["recall"] = {k: float(np.mean(v)) for k, v in recall.items()}
     out["peak_rss_bytes"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     if size <= args.index_max:
-        out["lmdb_query_p50"] = index_query(pool, work, data, names_t, args)
+        out["lmdb_query_p50"] = index_query(pool, work, data, names_t, base_model, args)
     return out
 
 
-def index_query(pool, work, data, names_t, args):
+def index_query(pool, work, data, names_t, base_model, args):
     """p50 of ESMIndex.query_embeddings on a real index holding the pool (built once, then reused)."""
     from esm_index.index import ESMIndex
 
     path = work / "index"
     if not (path / "data.mdb").exists():
-        pool.to_index(work / "index.tmp", args.base_model)
+        pool.to_index(work / "index.tmp", base_model)
         (work / "index.tmp").rename(path)
     with ESMIndex.open(path, readonly=True) as index:
         index.prefilter()
@@ -236,12 +237,13 @@ def main():
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument("--targets", type=int, default=12, help="targets queried per size")
     parser.add_argument("--scan-targets", type=int, default=4, help="targets whose exact full scan is run")
+    parser.add_argument("--scan-max", type=int, default=10**6, help="largest N whose exact full scan is run")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="candidates rescored exactly")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--index-max", type=int, default=1000, help="largest N also queried as a real index")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ESM_INDEX_THREADS", 2)))
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--quick", action="store_true", help="2 targets, 1 repeat, 1 scan")
+    parser.add_argument("--quick", action="store_true", help="2 targets, 1 repeat, 1 scan, no embedding timing")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size, JSON to stdout
     args = parser.parse_args()
@@ -253,8 +255,8 @@ def main():
         return
 
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start", file=sys.stderr)
-    data = targets(args.tasks, args.cache, args.base_model)
-    embed = embed_seconds(args.tasks, next(iter(data)), args.base_model)
+    data = targets(args.tasks, args.cache / "targets", args.base_model)
+    embed = None if args.quick else embed_seconds(args.tasks, next(iter(data)), args.base_model)
     results = []
     for size in args.sizes:
         child = [sys.executable, __file__, *sys.argv[1:], "--one", str(size)]

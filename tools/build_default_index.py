@@ -16,6 +16,7 @@ import csv
 import json
 import shutil
 import sys
+from collections import defaultdict
 from pathlib import Path
 
 import faiss  # noqa: F401  (faiss before torch)
@@ -79,16 +80,16 @@ def write_manifest(index, tasks, models, target):
         lines.append(f"| {source['name']} | {task.get('corpus', '-')} | {task.get('description', '-')} | "
                      f"{source.get('num_classes', '-')} | {source.get('num_examples', '-')} | "
                      f"{'-' if r2 is None else f'{r2:.3f}'} |")
-    runs = [finetuned(models, name) for name in done_sources(tasks, models)]
     base = "" if info["base_model"] == DEFAULT_BASE_MODEL else f" --base-model {info['base_model']}"
+    groups = defaultdict(list)  # sources fine-tuned alike: one command each (a cap of `examples` redraws the sample)
+    for name in sorted(index.store.names()):
+        tuned = finetuned(models, name)
+        groups[tuned["epochs"], tuned["examples"], tuned["seed"]].append(name)
+    lines += ["", "Rebuild (from the repository root, on a machine with the corpora of tools/make_tasks.py):", "",
+              "```", f"python tools/make_tasks.py {tasks}"]
+    lines += [f"python tools/finetune_sources.py {tasks} {models} --epochs {epochs:g} --max-examples {examples} "
+              f"--seed {seed}{base} --only {' '.join(names)}" for (epochs, examples, seed), names in groups.items()]
     lines += [
-        "",
-        "Rebuild (from the repository root, on a machine with the corpora of tools/make_tasks.py):",
-        "",
-        "```",
-        f"python tools/make_tasks.py {tasks}",
-        f"python tools/finetune_sources.py {tasks} {models} --epochs {runs[0]['epochs']:g} "
-        f"--max-examples {max(r['examples'] for r in runs)} --seed {runs[0]['seed']}{base}",
         f"python tools/build_default_index.py {tasks} {models} {index.path} --target {target}{base} "
         f"--storage {info['storage']}",
         "```",

@@ -11,7 +11,8 @@ larger ones every source lands within the test set's noise. The seed picks the t
 head's initialisation and the batch order; all sources share a seed's sample and the one test set, so
 their differences are paired. Runs go source by source, so an interrupted run leaves whole sources done.
 Resumable: one JSON line per run is appended and flushed; runs already in the file are skipped, and a
-file made with other settings is refused. Only sources whose model is done are run; rerun for more.
+file made with other settings is refused. Sources run once their model is done, including models
+finished while this runs; a source still being fine-tuned when it ends needs a rerun.
 """
 
 import argparse
@@ -34,12 +35,12 @@ from esm_index.finetune import FinetuneConfig, finetune
 class TargetSettings:
     """How each target is trained and tested; stored with every result line."""
 
-    train_examples: int = 150
+    train_examples: int = 100
     test_examples: int = 1000
     epochs: float = 3.0
-    learning_rate: float = 1e-4
+    learning_rate: float = 1e-4  # a new head gets only ~21 steps (benchmarks/selection.md)
     batch_size: int = 16
-    max_length: int = 128
+    max_length: int = 64  # cost: benchmarks/selection.md
     base_model: str = DEFAULT_BASE_MODEL
 
 

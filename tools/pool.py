@@ -30,22 +30,26 @@ from pathlib import Path
 import faiss  # noqa: F401  (faiss before torch: both bring OpenMP)
 import numpy as np
 
+from esm_index.embed import DEFAULT_BASE_MODEL
 from esm_index.esm import ESM
 from esm_index.index import ESMIndex
 from esm_index.prefilter import project, sketch
 
 
 def load_real(path):
-    """Names, weights (m, d, d) float32 and biases (m, d) of the real ESMs in an index or a folder of ESM folders."""
+    """Names, weights (m, d, d) float32 and biases (m, d) of the real ESMs in an index or a folder of ESM
+    folders, and their base model."""
     path = Path(path)
     if (path / "data.mdb").is_file():
         with ESMIndex.open(path, readonly=True) as index:
             esms = [(r.name, ESM.from_arrays(r.arrays)) for r in index.store.records()]
+            base_model = index.meta["base_model"]
     else:
         esms = [(f.name, ESM.load(f)) for f in sorted(path.iterdir()) if (f / "config.json").is_file()]
+        base_model = esms[0][1].config.get("base_model_name", DEFAULT_BASE_MODEL) if esms else None
     if len(esms) < 2:
         raise SystemExit(f"{path}: need at least 2 real ESMs, found {len(esms)}")
-    return [n for n, _ in esms], np.stack([e.weight for _, e in esms]), np.stack([e.bias for _, e in esms])
+    return [n for n, _ in esms], np.stack([e.weight for _, e in esms]), np.stack([e.bias for _, e in esms]), base_model
 
 
 @dataclass
@@ -81,10 +85,11 @@ class DerivedPool:
         return len(self.parents)
 
     def name(self, i):
-        if i < len(self.names):
-            return self.names[i]
-        terms = "+".join(f"{w:.2f}*{self.names[p]}" for p, w in zip(self.parents[i], self.mix[i]) if w > 0)
-        return f"mix{i}:{terms}"
+        return self.names[i] if i < len(self.names) else f"mix{i}"
+
+    def recipe(self, i):
+        """How ESM i is made: {real name: weight}."""
+        return {self.names[p]: round(float(w), 4) for p, w in zip(self.parents[i], self.mix[i]) if w > 0}
 
     def materialise(self, ids):
         """Weights (k, d, d) and biases (k, d), float32, of the pool's ESMs `ids`."""
@@ -111,7 +116,7 @@ class DerivedPool:
     def load(cls, path, real):
         """A pool saved by `save`, with its real ESMs read from `real` (checked by name)."""
         saved = np.load(path)
-        names, weights, biases = load_real(real)
+        names, weights, biases, _ = load_real(real)
         if list(saved["names"]) != names:
             raise SystemExit(f"{path} was derived from other real ESMs than those in {real}")
         return cls(names, weights, biases, saved["parents"], saved["mix"])
@@ -122,7 +127,7 @@ class DerivedPool:
             for start in range(0, len(self), 256):
                 ids = np.arange(start, min(start + 256, len(self)))
                 for i, W, b in zip(ids, *self.materialise(ids)):
-                    index.add_esm(self.name(i), ESM(W, b, {"derived": self.name(i)}))
+                    index.add_esm(self.name(i), ESM(W, b, {"mixture": self.recipe(i)}))
                 if progress:
                     progress(ids[-1] + 1)
 
@@ -140,14 +145,12 @@ def main():
     args = parser.parse_args()
 
     started = time.perf_counter()
-    names, weights, biases = load_real(args.real)
+    names, weights, biases, base_model = load_real(args.real)
     pool = DerivedPool.derive(names, weights, biases, args.size, args.parents, args.concentration, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     pool.save(args.out)
     print(f"{len(pool)} ESMs from {len(names)} real ones -> {args.out} ({time.perf_counter() - started:.1f}s)")
     if args.index:
-        base_model = ESMIndex.open(args.real, readonly=True).meta["base_model"] if (args.real / "data.mdb").is_file() \
-            else "sentence-transformers/all-MiniLM-L6-v2"
         pool.to_index(args.index, base_model, args.storage,
                       progress=lambda done: print(f"{done}/{len(pool)}", file=sys.stderr, end="\r"))
         print(f"index of {len(pool)} ESMs -> {args.index} ({time.perf_counter() - started:.1f}s)")
