@@ -157,7 +157,8 @@ class TargetStats:
     def __post_init__(self):
         d1 = len(self.A)
         if self.A.shape != (d1, d1) or self.B.ndim != 2 or len(self.B) != d1 or self.yy.shape != self.B.shape[1:]:
-            raise ESMIndexError(f"inconsistent target statistics: A {self.A.shape}, B {self.B.shape}, yy {self.yy.shape}")
+            raise ESMIndexError(
+                f"inconsistent target statistics: A {self.A.shape}, B {self.B.shape}, yy {self.yy.shape}")
         if self.n < 1:
             raise ESMIndexError(f"target statistics need n >= 1, got {self.n}")
         if not all(np.isfinite(a).all() for a in (self.A, self.B, self.yy)):

@@ -10,7 +10,7 @@ from .esm import ESM
 from .logme import TargetStats, encode_labels, logme_from_stats
 from .prefilter import SKETCH_KEY, PrefilterConfig, TargetQuery
 
-DEFAULT_CANDIDATES = 20  # exact rescoring (~20 ms each at d = 384) of what the prefilter's stage 2 keeps
+DEFAULT_CANDIDATES = 200  # exactly rescored; pools up to this size are always scanned exactly
 RESCORE_BATCH = 64
 
 

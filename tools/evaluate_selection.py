@@ -194,7 +194,8 @@ def report(gt, scores, paths):
         f"({s['train_examples']} examples, {s['epochs']:g} epochs, AdamW lr {s['learning_rate']:g}, batch "
         f"{s['batch_size']}, max length {s['max_length']}) and tested on up to {s['test_examples']} test examples; "
         "the baseline fine-tunes the base model itself. A seed fixes the sample, the head's initialisation "
-        "and the batch order, shared by all sources. The scoring methods see the same sample. "
+        "and the batch order, shared by all sources. The scoring methods see the same sample (embedded "
+        "by the index's encoder, up to 128 tokens). "
         f"The ground-truth file holds {sum(len(r) for r in gt.runs.values())} runs, {gt.hours:.1f} hours of wall time "
         "on this 2-core machine (shared with other work).",
         "",
@@ -261,7 +262,8 @@ def report(gt, scores, paths):
 
     lines += ["", "Regret@5 per target (mean over seeds):", ""]
     shown = [m for m in ("esm_logme", "logme_finetuned", "textemb", "vocab_overlap", "random_expected") if m in per]
-    rows = [[t] + [fmt(np.mean(per[m]["regret@5"][t])) for m in shown] for t in gt.targets]
+    scored = [t for t in gt.targets if per["esm_logme"]["regret@5"][t]]
+    rows = [[t] + [fmt(np.mean(per[m]["regret@5"][t])) for m in shown] for t in scored]
     lines += table(["target"] + [label(m) for m in shown], rows)
 
     lines += ["", "## ESM-LogME against LogME on the fine-tuned models", "",

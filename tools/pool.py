@@ -99,7 +99,7 @@ class DerivedPool:
         b = np.einsum("kp,kpi->ki", mix, self.biases[parents], dtype=np.float32)
         return W, b
 
-    def sketches(self, basis, batch=65536):
+    def sketches(self, basis, batch=1024):
         """The prefilter sketch of every ESM in the pool, by linearity of W~P in the mixing weights."""
         real = project(self.weights, self.biases, basis)  # (m, d, r)
         out = []
