@@ -19,7 +19,9 @@ the search parameters it was built with.
 Measured (benchmarks/query.md): on the real and derived pools here this fixed low-rank view predicts the
 exact winners poorly (recall@5 at K = N/4 between chance and 0.65), while the evidence linearised in M
 at the pool's mean map, kept at full (d+1)(d+2)/2 size, reaches 1.0: the next step, once vec(M) can be
-compressed. Pools of at most `candidates` sources are always scanned exactly.
+compressed. Stage 2 is therefore off by default (`shortlist` 0): on the real pool it ranked the exact
+top 5 below chance, while stage 1 alone kept half of them in its top 50 of 1,000. Pools of at most
+`candidates` sources are always scanned exactly.
 """
 
 import tempfile
@@ -42,13 +44,13 @@ class PrefilterConfig:
     rank: int = 24  # r1: leading basis directions of the FAISS vectors (r1 (r1 + 1) / 2 wide)
     sketch_rank: int = 64  # r: basis directions of the stored sketch, for stage 2
     seed: int = 0  # of the random orthonormal basis
-    shortlist: int = 1000  # FAISS candidates scored by stage 2
+    shortlist: int = 0  # FAISS hits scored by stage 2; 0 or <= candidates: stage 2 off (the default: see below)
     exact_max: int = 50_000  # up to this many sources FAISS searches exhaustively (IndexFlatIP)
     nprobe: int = 64  # IVF lists visited per search beyond exact_max (with 4 sqrt(N) lists)
 
     def __post_init__(self):
         for name in ("rank", "sketch_rank", "seed", "shortlist", "exact_max", "nprobe"):
-            value, least = getattr(self, name), 0 if name in ("seed", "exact_max") else 1
+            value, least = getattr(self, name), 0 if name in ("seed", "shortlist", "exact_max") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ESMIndexError(f"prefilter setting {name!r} must be an integer >= {least}, got {value!r}")
 

@@ -30,7 +30,7 @@ def generation(path):
         return opened.meta["generation"], sorted(s["name"] for s in opened.sources())
 
 
-@pytest.mark.parametrize("command", ["init", "add", "query", "list", "info", "remove", "rename"])
+@pytest.mark.parametrize("command", ["init", "add", "build", "query", "list", "info", "remove", "rename", "verify", "import-esm", "export-esm", "serve"])
 def test_every_command_has_help(command):
     assert "Usage" in run(command, "--help").output
 

@@ -133,7 +133,7 @@ def test_index_records_carry_both_stages_and_queries_report_them(tmp_path):
 
 
 def test_prefilter_settings_are_checked():
-    for bad in ({"rank": 0}, {"sketch_rank": -1}, {"shortlist": 0}, {"exact_max": -5}, {"nprobe": 0},
+    for bad in ({"rank": 0}, {"sketch_rank": -1}, {"shortlist": -1}, {"exact_max": -5}, {"nprobe": 0},
                 {"rank": 1.5}):
         with pytest.raises(ESMIndexError, match="prefilter"):
             PrefilterConfig(**bad)
