@@ -16,7 +16,7 @@ b alone, so imported ESMs without source texts get one too.
 The FAISS index is derived data: rebuilt from the store when its generation is stale, and saved with
 the search parameters it was built with.
 
-Measured (benchmarks/query.md): on the real and derived pools here this fixed low-rank view predicts the
+Measured (BENCHMARKS.md, "Query prefilter"): on the real and derived pools here this fixed low-rank view predicts the
 exact winners poorly (recall@5 at K = N/4 between chance and 0.65), while the evidence linearised in M
 at the pool's mean map, kept at full (d+1)(d+2)/2 size, reaches 1.0: the next step, once vec(M) can be
 compressed. Stage 2 is therefore off by default (`shortlist` 0): on the real pool it ranked the exact

@@ -38,9 +38,9 @@ class TargetSettings:
     train_examples: int = 100
     test_examples: int = 1000
     epochs: float = 3.0
-    learning_rate: float = 1e-4  # a new head gets only ~21 steps (benchmarks/selection.md)
+    learning_rate: float = 1e-4  # a new head gets only ~21 steps (BENCHMARKS.md, "Ground truth")
     batch_size: int = 16
-    max_length: int = 64  # cost: benchmarks/selection.md
+    max_length: int = 64  # cost: BENCHMARKS.md, "Ground truth"
     base_model: str = DEFAULT_BASE_MODEL
 
 
