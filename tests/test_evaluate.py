@@ -2,6 +2,7 @@
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from itertools import combinations, permutations
@@ -160,12 +161,20 @@ def test_selection_tools_end_to_end(pool, tiny_model):
     assert len(rows) == (4 + 1) * 2  # (sources + baseline) x seeds, one target
     assert {r["source"] for r in rows} == {None, *[n for n, (_, role) in POOL.items() if role == "source"]}
     assert all(0 <= r["accuracy"] <= 1 and r["n_train"] == 24 and r["n_test"] == 30 for r in rows)
+    assert all((r["source_model"] is None) == (r["source"] is None) for r in rows)  # how each source was tuned
     resumed = tool("tools/ground_truth.py", tasks, models, truth, *settings)
     assert "accuracy" not in resumed.stderr and len(truth.read_text().splitlines()) == 10  # nothing left to do
     refused = subprocess.run([sys.executable, "tools/ground_truth.py", str(tasks), str(models), str(truth),
                               "--base-model", str(tiny_model), "--train-examples", "25"], cwd=ROOT,
                              capture_output=True, text=True)
     assert refused.returncode == 1 and "made with other settings" in refused.stderr
+    refit = folder / "refit"  # the same models, but one source fine-tuned anew: its results are stale
+    shutil.copytree(models, refit)
+    facts = json.loads((refit / "animals-food" / "done.json").read_text())
+    (refit / "animals-food" / "done.json").write_text(json.dumps({**facts, "epochs": facts["epochs"] + 1}))
+    command = [sys.executable, "tools/ground_truth.py", str(tasks), str(refit), str(truth), *map(str, settings)]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 1 and "results for animals-food come from another model" in refused.stderr
 
     tool("tools/build_default_index.py", tasks, models, index, "--base-model", tiny_model,
          "--target", "animals-weather", "--target-rows", 20)

@@ -11,8 +11,9 @@ larger ones every source lands within the test set's noise. The seed picks the t
 head's initialisation and the batch order; all sources share a seed's sample and the one test set, so
 their differences are paired. Runs go source by source, so an interrupted run leaves whole sources done.
 Resumable: one JSON line per run is appended and flushed; runs already in the file are skipped, and a
-file made with other settings is refused. Sources run once their model is done, including models
-finished while this runs; a source still being fine-tuned when it ends needs a rerun.
+file made with other settings, or from another fine-tuning of a source, is refused. Sources run once
+their model is done, including models finished while this runs; one still being fine-tuned when it ends
+needs a rerun.
 """
 
 import argparse
@@ -99,19 +100,35 @@ def accuracy(encoder, model, head, train, test):
     return float((predicted == test.labels).mean())
 
 
+def model_facts(models, source):
+    """How a source's model was made (its done.json less the time); None for the baseline."""
+    if source is None:
+        return None
+    return {k: v for k, v in finetuned(models, source).items() if k != "seconds"}
+
+
 def read_results(path, settings):
-    """Keys (target, source, seed) already in the results file; refuse a file with other settings."""
-    done = set()
+    """The rows already in the results file; refuse a file made with other settings."""
+    rows = []
     if not Path(path).is_file():
-        return done
+        return rows
     for number, line in enumerate(Path(path).read_text().splitlines(), 1):
         if not line.strip():
             continue
         row = json.loads(line)
         if row["settings"] != asdict(settings):
             raise ESMIndexError(f"{path}:{number}: made with other settings {row['settings']}; use another file")
-        done.add((row["target"], row["source"], row["seed"]))
-    return done
+        rows.append(row)
+    return rows
+
+
+def check_models(rows, models, sources):
+    """Refuse results made from another fine-tuning of a source than the model there now (a refit)."""
+    current = {source: model_facts(models, source) for source in sources}
+    for row in rows:
+        if row["source"] in current and row.get("source_model") != current[row["source"]]:
+            raise ESMIndexError(f"results for {row['source']} come from another model of it "
+                                f"({row.get('source_model')}, now {current[row['source']]}); use another file")
 
 
 def main():
@@ -132,21 +149,26 @@ def main():
     unknown = sorted(set(targets) - set(manifest_names(args.tasks, "target")))
     if unknown:
         raise ESMIndexError(f"not targets in the manifest: {', '.join(unknown)}")
-    done = read_results(args.results, settings)
+    rows = read_results(args.results, settings)
+    done = {(row["target"], row["source"], row["seed"]) for row in rows}
     encoder = Encoder(settings.base_model, max_length=settings.max_length)
     tests = {t: target_test(args.tasks, t, settings) for t in targets}
     args.results.parent.mkdir(parents=True, exist_ok=True)
     with open(args.results, "a") as results:
         while True:  # until a pass finds nothing to do, so models finished meanwhile are picked up
+            sources = [None] + done_sources(args.tasks, args.models, args.sources)
+            check_models(rows, args.models, sources)
             work = [(source, [(t, s) for t in targets for s in args.seeds if (t, source, s) not in done])
-                    for source in [None] + done_sources(args.tasks, args.models, args.sources)]
+                    for source in sources]
             work = [(source, todo) for source, todo in work if todo]
             if not work:
                 break
             for source, todo in work:
                 model = load_model(encoder, None if source is None else args.models / source)
+                facts = model_facts(args.models, source)
                 for target, seed in todo:
-                    row = run(encoder, model, settings, args.tasks, tests[target], target, source, seed)
+                    row = {**run(encoder, model, settings, args.tasks, tests[target], target, source, seed),
+                           "source_model": facts}
                     results.write(json.dumps(row) + "\n")
                     results.flush()
                     done.add((target, source, seed))
