@@ -276,7 +276,9 @@ def report(gt, scores, paths):
             for m in sorted(recall, key=lambda m: -int(m[len("esm_logme_k"):]))]
     lines += table(["prefilter", *(f"recall@{k}" for k in KS)], rows)
 
-    lines += ["", "## Goals", ""] + goals(per) + ["", "## Ground truth", "",
+    small = [f"- With {len(gt.sources)} sources, regret@5 is 0 for every method: only regret@1 and @3 compare "
+             "them."] if len(gt.sources) <= 5 else []
+    lines += ["", "## Goals", ""] + small + goals(per) + ["", "## Ground truth", "",
               f"Mean accuracy (points) over seeds {', '.join(map(str, gt.seeds))} ± standard error, "
               "per source (rows) and target (columns).", ""]
     rows = [[BASELINE if src is None else src] + [
