@@ -17,7 +17,6 @@ from .data import SOURCE_MAX_EXAMPLES, read_rows, read_task
 from .errors import ESMIndexError
 from .esm import ESM, ESMFitConfig
 from .finetune import FinetuneConfig
-from .prefilter import PrefilterConfig, source_arrays
 from .store import SourceRecord
 
 
@@ -106,7 +105,6 @@ class BuildSettings:
     base_model: str
     pooling: str
     dim: int
-    prefilter: dict
     storage: str = "float32"  # see esm.check_storage
     finetune: FinetuneConfig = field(default_factory=FinetuneConfig)
     esm: ESMFitConfig = field(default_factory=ESMFitConfig)
@@ -114,7 +112,7 @@ class BuildSettings:
     @classmethod
     def from_meta(cls, meta, finetune=None, esm=None):
         return cls(
-            meta["base_model"], meta["pooling"], meta["dim"], meta["prefilter"], meta.get("storage", "float32"),
+            meta["base_model"], meta["pooling"], meta["dim"], meta.get("storage", "float32"),
             finetune or FinetuneConfig(), esm or ESMFitConfig(),
         )
 
@@ -131,11 +129,9 @@ def content_hash(spec, settings):
 
 
 def esm_record(name, esm, settings, base_embeddings=None, info=None):
-    """The store record of an ESM: its arrays, its prefilter vector and, given the source's base
-    embeddings, summary statistics of the mapped embeddings (mean and spread) and of the base ones."""
+    """The store record of an ESM: its arrays and, given the source's base embeddings, summary statistics
+    of the mapped embeddings (mean and spread) and of the base ones."""
     arrays = esm.to_arrays(settings.storage)
-    stored = ESM.from_arrays(arrays)  # the prefilter sketches the map as stored (float16, low-rank), as rescored
-    arrays.update(source_arrays(stored.weight, stored.bias, PrefilterConfig(**settings.prefilter), settings.dim))
     if base_embeddings is not None:
         mapped = esm.apply(base_embeddings)
         arrays.update({

@@ -104,6 +104,8 @@ class ESM:
         """The ESM of a store record, in whichever form it was stored (told apart by its keys)."""
         if "esm.weight" in arrays:
             return cls(arrays["esm.weight"], arrays["esm.bias"], config or {})
+        if "esm.r" not in arrays:
+            raise KeyError("esm.weight (or esm.r)")
         packed = arrays["esm.r"]
         dim = round((np.sqrt(8 * len(packed) + 9) - 3) / 2)  # the trapezoid holds dim (dim + 3) / 2 numbers
         R = np.zeros((dim, dim + 1), np.float32)

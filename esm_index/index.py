@@ -210,7 +210,7 @@ class ESMIndex:
         """Import hf-dataset-selector ESM folders, each named `name` (one folder only), else by its config's
         task id (and subset), else by its folder. Every folder is read and checked (layout, base model,
         dimension) before any is stored; the config is kept as the source's metadata. Without source
-        texts the record has no summary statistics, but its prefilter vector needs only W.
+        texts the record has no summary statistics, but its prefilter coordinates need only W.
         `base_model` stands in for configs that name none. Returns {name: "added" | "replaced"}."""
         if name is not None and len(folders) != 1:
             raise ESMIndexError(f"a name is for one imported ESM, got {len(folders)} folders")

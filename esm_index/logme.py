@@ -88,21 +88,15 @@ def _kept(s2: np.ndarray, n: int, d: int) -> np.ndarray:
     return (s2 > 1e-20) & (s2 > s2.max() * max(n, d) * EPS)
 
 
-def _evidence(s2: np.ndarray, z2: np.ndarray, yy: np.ndarray, n: int, d: int) -> float:
-    """thuml's fixed-point LogME, all label columns at once; the class-averaged evidence, NaN if not finite.
-
-    s2: (k,) eigenvalues of G = F^T F; z2: (C, k) squared projections (V^T F^T y_c)^2; yy: (C,) y_c^T y_c.
-    Each column iterates until its own convergence, exactly like the reference's loop per class.
-    """
-    keep = _kept(s2, n, d)
-    if not keep.any():
-        return np.nan
-    s2 = s2[keep]
-    x2 = z2[:, keep] / s2                       # (u_i^T y)^2 in thuml's notation
-    res_x2 = np.maximum(yy - x2.sum(1), 0.0)    # energy of y outside the kept span
-    alpha, beta = np.ones(len(yy)), np.ones(len(yy))
-    m2, res2 = np.zeros(len(yy)), np.zeros(len(yy))
-    live = np.arange(len(yy))                   # columns still iterating
+def _fixed_point(s2: np.ndarray, x2: np.ndarray, res_x2: np.ndarray, n: int):
+    """thuml's fixed point for all label columns at once, each until its own convergence, exactly like the
+    reference's loop per class. s2: (k,) kept eigenvalues of G = F^T F; x2: (C, k) squared projections
+    (u_i^T y_c)^2; res_x2: (C,) energy of each y_c outside the kept span. Returns alpha, beta and the
+    fitted m2 = |m|^2 and res2 = |y - F m|^2, each (C,)."""
+    C = len(x2)
+    alpha, beta = np.ones(C), np.ones(C)
+    m2, res2 = np.zeros(C), np.zeros(C)
+    live = np.arange(C)                         # columns still iterating
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(MAX_ITERATIONS):
             t = alpha[live] / beta[live]
@@ -117,6 +111,21 @@ def _evidence(s2: np.ndarray, z2: np.ndarray, yy: np.ndarray, n: int, d: int) ->
             live = live[~(np.abs(alpha[live] / beta[live] - t) / t <= TOLERANCE)]
             if not len(live):
                 break
+    return alpha, beta, m2, res2
+
+
+def _evidence(s2: np.ndarray, z2: np.ndarray, yy: np.ndarray, n: int, d: int) -> float:
+    """thuml's fixed-point LogME, all label columns at once; the class-averaged evidence, NaN if not finite.
+
+    s2: (k,) eigenvalues of G = F^T F; z2: (C, k) squared projections (V^T F^T y_c)^2; yy: (C,) y_c^T y_c.
+    """
+    keep = _kept(s2, n, d)
+    if not keep.any():
+        return np.nan
+    s2 = s2[keep]
+    x2 = z2[:, keep] / s2                       # (u_i^T y)^2 in thuml's notation
+    alpha, beta, m2, res2 = _fixed_point(s2, x2, np.maximum(yy - x2.sum(1), 0.0), n)
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         logdet = np.log(alpha[:, None] + beta[:, None] * s2).sum(1)
         evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - logdet / 2
                     - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi)) / n

@@ -1,190 +1,193 @@
-"""The prefilter: a FAISS search for a shortlist, then a low-rank LogME that picks the candidates.
+"""The prefilter: a FAISS search for the sources whose ESMs the target's evidence favours, to first order.
 
-Why these vectors. ESM-LogME is the evidence of a Bayesian linear model on F = X~ W~^T, which depends on
-the ESM only through M = W~^T W~ (the kernel F F^T = X~ M X~^T) and not on M's scale (the prior's alpha
-absorbs it). Each source therefore keeps M seen through a fixed orthonormal basis P ((d+1) x r, the
-bias coordinate included): the triangular factor T of W~P (QR: T^T T = P^T M P), computed from W and
-b alone, so imported ESMs without source texts get one too.
-- Stage 1, FAISS: the source vector is the normalised P1^T M P1 on the leading r1 basis directions and
-  the target vector its between-class scatter in the same directions, both as upper triangles
-  (off-diagonals times sqrt 2), so their inner product is tr(P1^T M P1 S_b) / norms: how much the ESM
-  stretches the directions that separate the target's classes (for regression, the label-correlated
-  directions). Exhaustive search while the pool is small, IVF beyond `exact_max` sources.
-- Stage 2, shortlist: exact LogME of the target seen through the basis, with features X~ P T^T: an
-  r-dimensional problem, O(r^3) per source from its stored factor, no d x d map read.
-- Stage 3 (query.py): exact ESM-LogME of the `candidates` best by stage 2.
-The FAISS index is derived data: rebuilt from the store when its generation is stale, and saved with
-the search parameters it was built with.
+Why these vectors. ESM-LogME is the evidence E of a Bayesian linear model on F = X~ W~^T. It depends on an
+ESM only through M = W~^T W~ (the kernel X~ M X~^T) and not on M's scale (the prior's alpha absorbs it).
+Linearised at the pool's mean normalised map M0, a source's evidence is E(M0) + <M/|M| - M0, dE/dM(M0)>
+(Frobenius inner product) plus second-order terms: an inner product, which FAISS serves. vec(M) has
+(d+1)(d+2)/2 entries (74,305 at d = 384), so each source keeps only its coordinates on the `rank`
+principal directions of the pool's normalised maps (a PCA trained on a seeded sample of at most
+`train_max` sources, as FAISS trains its PCAMatrix or IVF quantiser), and the target's query vector is
+the evidence gradient on the same directions. For a pool of at most rank + 1 sources the coordinates
+are exact. Only W and b are needed, so imported ESMs without source texts are prefiltered alike.
 
-Measured (BENCHMARKS.md, "Query prefilter"): on the real and derived pools here this fixed low-rank view predicts the
-exact winners poorly (recall@5 at K = N/4 between chance and 0.65), while the evidence linearised in M
-at the pool's mean map, kept at full (d+1)(d+2)/2 size, reaches 1.0: the next step, once vec(M) can be
-compressed. Stage 2 is therefore off by default (`shortlist` 0): on the real pool it ranked the exact
-top 5 below chance, while stage 1 alone kept half of them in its top 50 of 1,000. Pools of at most
-`candidates` sources are always scanned exactly.
+Measured (BENCHMARKS.md, "Query prefilter"): the full-size linearised evidence kept the exact scan's top 5
+within the top 100 of research pools of 300-400 real and derived ESMs, where fixed low-rank views of M
+(random or principal bases of the embeddings) kept 0-65 %.
+
+Everything here is derived data, saved in `prefilter.npz` with the store's generation: the basis, every
+source's coordinates and the FAISS index over them (exhaustive while the pool is small, IVF beyond
+`exact_max`). A stale prefilter is brought up to date by projecting new sources on its basis and
+dropping removed ones; the basis is retrained when the pool has doubled since it was trained (until it
+was trained on `train_max` sources).
 """
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 
 from .errors import ESMIndexError
 
-INDEX_FILE = "prefilter.npz"  # the serialized FAISS index and the generation it was built at, in one file
-VECTOR_KEY = "prefilter.vector"  # stage 1: the FAISS vector of a source
-SKETCH_KEY = "prefilter.sketch"  # stage 2: the packed triangular factor T of W~P
+INDEX_FILE = "prefilter.npz"  # basis, coordinates, FAISS index and generation, in one file
+MOMENT_BATCH = 64  # ESMs whose d x d second moments are held at once
 
 
 @dataclass
 class PrefilterConfig:
-    """Kept in the store's metadata: the basis, the widths of both stages and FAISS's search settings."""
+    """Kept in the store's metadata: the basis's size and training sample, and FAISS's search settings."""
 
-    rank: int = 24  # r1: leading basis directions of the FAISS vectors (r1 (r1 + 1) / 2 wide)
-    sketch_rank: int = 64  # r: basis directions of the stored sketch, for stage 2
-    seed: int = 0  # of the random orthonormal basis
-    shortlist: int = 0  # FAISS hits scored by stage 2; 0 or <= candidates: stage 2 off (the default: see below)
+    rank: int = 64  # principal directions of the normalised maps: the FAISS vectors' width
+    train_max: int = 2048  # sources the basis is trained on at most (a seeded sample beyond)
+    seed: int = 0  # of that sample and of the IVF training sample
     exact_max: int = 50_000  # up to this many sources FAISS searches exhaustively (IndexFlatIP)
     nprobe: int = 64  # IVF lists visited per search beyond exact_max (with 4 sqrt(N) lists)
 
     def __post_init__(self):
-        for name in ("rank", "sketch_rank", "seed", "shortlist", "exact_max", "nprobe"):
-            value, least = getattr(self, name), 0 if name in ("seed", "shortlist", "exact_max") else 1
+        for f in fields(self):
+            value, least = getattr(self, f.name), 0 if f.name in ("seed", "exact_max") else 1
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise ESMIndexError(f"prefilter setting {name!r} must be an integer >= {least}, got {value!r}")
+                raise ESMIndexError(f"prefilter setting {f.name!r} must be an integer >= {least}, got {value!r}")
 
-    def sketch_basis(self, dim):
-        """The fixed orthonormal basis P ((d+1) x r) of this index: the sketch's directions."""
-        rank = min(self.sketch_rank, dim + 1)
-        q, _ = np.linalg.qr(np.random.default_rng(self.seed).standard_normal((dim + 1, rank)))
-        return q
-
-    def basis(self, dim):
-        """The leading r1 directions of the sketch basis: those of the FAISS vectors."""
-        return self.sketch_basis(dim)[:, : min(self.rank, self.sketch_rank, dim + 1)]
+    @classmethod
+    def from_meta(cls, settings):
+        """The config of an index's metadata; settings of earlier prefilters (sketches) are ignored."""
+        return cls(**{f.name: settings[f.name] for f in fields(cls) if f.name in settings})
 
 
-def project(weight, bias, basis):
-    """W~P = W P[:d] + b P[d] for one ESM (d, d) or a stack (k, d, d): (..., d, r) in float64."""
-    weight, bias = np.asarray(weight, np.float64), np.asarray(bias, np.float64)
-    return weight @ basis[:-1] + bias[..., :, None] * basis[-1]
-
-
-def sketch(projected):
-    """The packed upper triangle of T, the triangular factor of W~P: T^T T = P^T M P. float32."""
-    T = np.linalg.qr(projected, mode="r")
-    rank = T.shape[-1]
-    if T.shape[-2] < rank:  # a complete basis (r = d + 1) of a d x (d+1) W~P: T is square with zero rows
-        T = np.concatenate([T, np.zeros(T.shape[:-2] + (rank - T.shape[-2], rank))], axis=-2)
-    rows, cols = np.triu_indices(rank)
-    return T[..., rows, cols].astype(np.float32)
-
-
-def _unpack(packed, rank):
-    rows, cols = np.triu_indices(rank)
-    T = np.zeros(packed.shape[:-1] + (rank, rank))
-    T[..., rows, cols] = packed
-    return T
-
-
-def _rank_of(width):
-    rank = int((np.sqrt(8 * width + 1) - 1) / 2)
-    if rank * (rank + 1) // 2 != width:
-        raise ESMIndexError(f"a prefilter sketch of {width} numbers is not a packed triangle")
-    return rank
-
-
-def _upper(matrix):
-    """Upper triangle of symmetric matrices, off-diagonal times sqrt 2 (<upper(A), upper(B)> = tr(A B)),
-    normalised to unit length."""
+def _pack(matrix):
+    """Upper triangles of symmetric matrices, off-diagonals times sqrt 2: <pack(A), pack(B)> = tr(A B)."""
     rows, cols = np.triu_indices(matrix.shape[-1])
-    vector = matrix[..., rows, cols] * np.where(rows == cols, 1.0, np.sqrt(2.0))
-    return (vector / np.maximum(np.linalg.norm(vector, axis=-1, keepdims=True), 1e-30)).astype(np.float32)
+    return matrix[..., rows, cols] * np.where(rows == cols, 1.0, np.sqrt(2.0))
 
 
-def search_vector(packed, rank):
-    """Stage-1 vector of a source from its sketch: normalised P1^T M P1 = T11^T T11 on r1 directions."""
-    T = _unpack(np.asarray(packed, np.float64), _rank_of(np.shape(packed)[-1]))[..., :rank, :rank]
-    return _upper(np.swapaxes(T, -1, -2) @ T)
+def _unpack(packed, size):
+    rows, cols = np.triu_indices(size)
+    matrix = np.zeros((size, size))
+    matrix[rows, cols] = packed / np.where(rows == cols, 1.0, np.sqrt(2.0))
+    return matrix + np.triu(matrix, 1).T
 
 
-def source_arrays(weight, bias, config, dim):
-    """The prefilter arrays of a store record: stage-1 vector and stage-2 sketch, from W and b alone."""
-    packed = sketch(project(weight, bias, config.sketch_basis(dim)))
-    return {VECTOR_KEY: search_vector(packed, config.basis(dim).shape[1]), SKETCH_KEY: packed}
+def moments(weights, biases):
+    """Packed normalised second moments M / |M|_F (M = W~^T W~) of ESMs (k, d, d), (k, d): (k, T) float32."""
+    Wt = np.concatenate([np.asarray(weights, np.float64), np.asarray(biases, np.float64)[..., None]], axis=-1)
+    packed = _pack(np.swapaxes(Wt, -1, -2) @ Wt)
+    return (packed / np.maximum(np.linalg.norm(packed, axis=-1, keepdims=True), 1e-30)).astype(np.float32)
 
 
-class TargetQuery:
-    """A target seen through the index's basis: its FAISS vector and its stage-2 scores."""
+def evidence_gradient(X, Y, M0):
+    """dE/dM at M0 of LogME's class-averaged evidence for target embeddings X (n, d) and label columns Y
+    (n, C): per column, X~^T (u u^T - S^-1) X~ / (2 alpha) with S = X~ M0 X~^T / alpha + I / beta and
+    u = S^-1 y, alpha and beta from LogME's fixed point at M0. O(n d^2), never an n x n matrix."""
+    from .logme import _fixed_point, _kept
 
-    def __init__(self, X, Y, regression, config):
-        basis = config.sketch_basis(X.shape[1])
-        Z = np.hstack([X, np.ones((len(X), 1))]) @ basis  # the target's coordinates in the basis
-        self.A, self.B, self.yy, self.n = Z.T @ Z, Z.T @ Y, (Y * Y).sum(0), len(X)
-        self.rank = basis.shape[1]
-        self.vector = _upper(_scatter(Z[:, : config.basis(X.shape[1]).shape[1]], Y, regression))
+    n, d = X.shape
+    Xt = np.hstack([X, np.ones((n, 1))])
+    values, vectors = np.linalg.eigh(M0)
+    U, s, _ = np.linalg.svd(Xt @ (vectors * np.sqrt(np.clip(values, 0, None))), full_matrices=False)
+    s2 = s**2
+    keep = _kept(s2, n, d)
+    U, s2 = U[:, keep], s2[keep]
+    Uy = U.T @ Y  # (k, C): F's left singular vectors against each label column
+    x2 = (Uy**2).T
+    alpha, beta, _, _ = _fixed_point(s2, x2, np.maximum((Y * Y).sum(0) - x2.sum(1), 0.0), n)
+    g = beta[:, None] - 1 / (s2 / alpha[:, None] + 1 / beta[:, None])  # (C, k): S^-1 = beta I - U diag(g) U^T
+    XU = Xt.T @ U
+    Xu = Xt.T @ (beta * Y) - XU @ (g.T * Uy)  # (d+1, C): X~^T u per column
+    weight = 1 / (2 * alpha * len(alpha))  # class average of the 1 / (2 alpha) factors
+    return ((Xu * weight) @ Xu.T - (beta * weight).sum() * (Xt.T @ Xt)
+            + (XU * (weight @ g)) @ XU.T)
 
-    def scores(self, sketches):
-        """Stage-2 scores of sources given their packed sketches (k, width): LogME of the features Z T^T,
-        batched (G = T A T^T, one eigh for all), then logme's fixed point per source. NaN if not finite."""
+
+@dataclass
+class Basis:
+    """The trained part of the prefilter: the mean normalised map and the principal directions around it."""
+
+    mean: np.ndarray  # (T,) float32, packed M0
+    components: np.ndarray  # (r, T) float32, orthonormal rows (one zero row when the pool has no spread)
+    trained_on: int  # sources in the training sample
+
+    @classmethod
+    def fit(cls, packed, rank):
+        """PCA of packed moments (n, T) through their n x n Gram matrix (n <= train_max, T ~ d^2 / 2)."""
+        mean = packed.mean(0, dtype=np.float64)
+        centred = packed - mean.astype(np.float32)
+        values, vectors = np.linalg.eigh((centred @ centred.T).astype(np.float64))
+        top = np.argsort(values)[::-1][:rank]
+        top = top[values[top] > max(values.max(), 0) * 1e-5]  # beyond: float32 rounding
+        components = (vectors[:, top].T @ centred) / np.sqrt(values[top])[:, None]
+        if not len(top):  # identical maps: one direction that every vector and query is zero on
+            components = np.zeros((1, packed.shape[1]))
+        return cls(mean.astype(np.float32), components.astype(np.float32), len(packed))
+
+    def coordinates(self, packed):
+        return ((packed - self.mean) @ self.components.T).astype(np.float32)
+
+    def query(self, X, Y):
+        """The target's query vector: the evidence gradient at the mean map, on the principal directions.
+        Single-threaded BLAS: on these sizes threads gain little and, on a loaded machine, collapse."""
         from threadpoolctl import threadpool_limits
 
-        from .logme import _evidence
-
-        T = _unpack(np.asarray(sketches, np.float64), self.rank)
-        scores = np.full(len(T), np.nan)
-        with threadpool_limits(1, "blas"):  # small matrices: threaded BLAS only contends (and collapses under load)
-            G = T @ self.A @ np.swapaxes(T, -1, -2)
-            finite = np.isfinite(G).all(axis=(1, 2))
-            if finite.any():
-                s2, V = np.linalg.eigh(G[finite])
-                z2 = np.swapaxes(np.swapaxes(V, -1, -2) @ (T[finite] @ self.B), -1, -2) ** 2  # (k, C, r)
-                scores[finite] = [_evidence(s, z, self.yy, self.n, self.rank) for s, z in zip(s2, z2)]
-        return scores
-
-
-def _scatter(Z, Y, regression):
-    """Between-class scatter of coordinates Z (classes: one-hot Y), or for regression the outer product of
-    the label-correlated directions."""
-    Z = Z - Z.mean(0)
-    if regression:
-        cross = Z.T @ (Y - Y.mean(0)) / len(Z)
-        return cross @ cross.T
-    means = (Y.T @ Z) / np.maximum(Y.sum(0), 1)[:, None]  # (C, r) class means
-    return (means.T * (Y.mean(0))) @ means
+        size = X.shape[1] + 1
+        with threadpool_limits(1, "blas"):
+            gradient = evidence_gradient(np.asarray(X, np.float64), Y, _unpack(self.mean.astype(np.float64), size))
+            return (self.components @ _pack(gradient).astype(np.float32)).astype(np.float32)
 
 
 class Prefilter:
-    """A FAISS inner-product index over the stored source vectors, tagged with the store's generation."""
+    """Every source's coordinates on the basis, in a FAISS inner-product index, at one store generation."""
 
-    def __init__(self, index, generation):
+    def __init__(self, basis, ids, vectors, index, generation):
+        self.basis = basis  # None for an empty store
+        self.ids = ids  # (N,) int64, ascending
+        self.vectors = vectors  # (N, r) float32
         self.index = index
         self.generation = generation
 
     @classmethod
-    def build(cls, store):
-        """Rebuild from the store's records, reading only their prefilter vectors."""
+    def build(cls, store, previous=None, reuse=True):
+        """The prefilter of the store's current state. With `previous` (an older prefilter of the same store)
+        its basis is kept unless the pool has doubled since it was trained, and with `reuse` so are the
+        coordinates of the sources it already holds: only new sources' maps are read."""
         with store.begin() as txn:
             meta = store.meta(txn)
-            ids, vectors = [], []
-            for record in store.records(txn=txn, keys=[VECTOR_KEY]):
-                ids.append(record.info["id"])
-                vectors.append(record.arrays[VECTOR_KEY])
-        config = PrefilterConfig(**meta["prefilter"])
-        rank = config.basis(meta["dim"]).shape[1]
-        vectors = np.stack(vectors) if vectors else np.zeros((0, rank * (rank + 1) // 2), np.float32)
-        return cls(faiss_index(vectors, np.asarray(ids, np.int64), config), meta["generation"])
+            config = PrefilterConfig.from_meta(meta["prefilter"])
+            table = store.id_table(txn)
+            ids = np.array(sorted(table), np.int64)
+            basis = None if previous is None else previous.basis
+            if basis is not None and (basis.mean.shape != (_width(meta["dim"]),) or basis.components.shape[0] > config.rank
+                                      or (basis.trained_on < config.train_max and len(ids) >= 2 * basis.trained_on)):
+                basis = None
+            if basis is None and len(ids):
+                sample = ids
+                if len(ids) > config.train_max:
+                    rng = np.random.default_rng(config.seed)
+                    sample = np.sort(rng.choice(ids, config.train_max, replace=False))
+                basis = Basis.fit(_moments(store, txn, [table[i] for i in sample]), config.rank)
+            known = {}
+            if reuse and previous is not None and basis is previous.basis:
+                known = dict(zip(previous.ids.tolist(), previous.vectors))
+            new = [i for i in ids.tolist() if i not in known]
+            if new:
+                known.update(zip(new, basis.coordinates(_moments(store, txn, [table[i] for i in new]))))
+        width = 0 if basis is None else basis.components.shape[0]
+        vectors = np.stack([known[i] for i in ids.tolist()]) if len(ids) else np.zeros((0, width), np.float32)
+        return cls(basis, ids, vectors, faiss_index(vectors, ids, config), meta["generation"])
 
     def save(self, folder):
-        """Write index and generation as one file: to a private temporary file, then renamed over the old
-        one, so concurrent savers or a kill mid-write never leave a torn or mislabelled prefilter."""
+        """Write everything as one file: to a private temporary file, then renamed over the old one, so
+        concurrent savers or a kill mid-write never leave a torn or mislabelled prefilter."""
         import faiss
 
+        arrays = {"generation": self.generation, "ids": self.ids, "vectors": self.vectors}
+        if self.index is not None:
+            arrays["index"] = faiss.serialize_index(self.index)
+        if self.basis is not None:
+            arrays.update(mean=self.basis.mean, components=self.basis.components, trained_on=self.basis.trained_on)
         folder = Path(folder)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=INDEX_FILE + ".", suffix=".tmp", delete=False) as file:
             try:
-                np.savez(file, index=faiss.serialize_index(self.index), generation=self.generation)
+                np.savez(file, **arrays)
             except BaseException:
                 Path(file.name).unlink()
                 raise
@@ -197,44 +200,71 @@ class Prefilter:
 
         try:
             with np.load(Path(folder) / INDEX_FILE, allow_pickle=False) as saved:
-                return cls(faiss.deserialize_index(saved["index"]), int(saved["generation"]))
-        except Exception:  # missing, truncated or foreign: all mean "rebuild it"
+                basis = None
+                if "mean" in saved:
+                    basis = Basis(saved["mean"], saved["components"], int(saved["trained_on"]))
+                index = faiss.deserialize_index(saved["index"]) if "index" in saved else None
+                return cls(basis, saved["ids"], saved["vectors"], index, int(saved["generation"]))
+        except Exception:  # missing, truncated, foreign or from an earlier version: all mean "rebuild it"
             return None
 
     @classmethod
     def for_store(cls, store):
-        """The prefilter matching the store's generation: loaded if fresh, else rebuilt (and saved if writable)."""
+        """The prefilter matching the store's generation: loaded if fresh, else updated from the saved one
+        or rebuilt (and saved if writable)."""
         prefilter = cls.load(store.path)
         if prefilter is None or prefilter.generation != store.generation:
-            prefilter = cls.build(store)
+            prefilter = cls.build(store, previous=prefilter)
             try:
                 prefilter.save(store.path)
             except OSError:
                 pass  # a read-only folder: keep the rebuilt index in memory
         return prefilter
 
-    def search(self, query, k):
-        """Ids of the k sources whose vectors score highest against the query vector."""
+    def search(self, X, Y, k):
+        """Ids of the k sources whose linearised evidence for the target (embeddings X, label columns Y)
+        is highest."""
         if k <= 0:
             raise ESMIndexError(f"the number of candidates must be positive, got {k}")
-        _, ids = self.index.search(np.asarray(query, np.float32)[None], min(k, self.index.ntotal))
+        if self.index is None or not self.index.ntotal:
+            return []
+        query = self.basis.query(X, Y)
+        _, ids = self.index.search(query[None], min(k, self.index.ntotal))
         return [int(i) for i in ids[0] if i >= 0]
+
+
+def _width(dim):
+    return (dim + 1) * (dim + 2) // 2
+
+
+def _moments(store, txn, names):
+    """Packed normalised moments of the named sources' ESMs, read MOMENT_BATCH at a time."""
+    from .esm import ESM
+
+    out = []
+    for start in range(0, len(names), MOMENT_BATCH):
+        esms = [ESM.from_arrays(r.arrays) for r in store.records(names[start : start + MOMENT_BATCH], txn)]
+        out.append(moments(np.stack([e.weight for e in esms]), np.stack([e.bias for e in esms])))
+    return np.concatenate(out)
 
 
 def faiss_index(vectors, ids, config):
     """An exhaustive inner-product index (IndexFlatIP) up to `config.exact_max` vectors, else an inverted
-    file (IVF, 4 sqrt(N) lists, k-means trained on a seeded sample, `config.nprobe` lists searched)."""
+    file (IVF, 4 sqrt(N) lists but at least 39 vectors per list, k-means trained on a seeded sample,
+    `config.nprobe` lists searched).
+    None for an empty pool."""
     import faiss
 
     n, width = vectors.shape
+    if not n:
+        return None
     if n <= config.exact_max:
         index = faiss.IndexIDMap2(faiss.IndexFlatIP(width))
     else:
-        nlist = int(4 * np.sqrt(n))
+        nlist = max(1, min(int(4 * np.sqrt(n)), n // 39))
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(width), width, nlist, faiss.METRIC_INNER_PRODUCT)
         sample = np.random.default_rng(config.seed).choice(n, min(n, 64 * nlist), replace=False)
         index.train(np.ascontiguousarray(vectors[np.sort(sample)]))
         index.nprobe = config.nprobe
-    if n:
-        index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids)
+    index.add_with_ids(np.ascontiguousarray(vectors, np.float32), ids)
     return index

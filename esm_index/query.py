@@ -8,7 +8,6 @@ import numpy as np
 from .errors import ESMIndexError
 from .esm import ESM
 from .logme import TargetStats, encode_labels, logme_from_stats
-from .prefilter import SKETCH_KEY, PrefilterConfig, TargetQuery
 
 DEFAULT_CANDIDATES = 200  # exactly rescored; pools up to this size are always scanned exactly
 RESCORE_BATCH = 64
@@ -66,20 +65,12 @@ def check_target(X, labels, dim):
 
 
 def prefiltered(store, txn, prefilter, X, labels, regression, candidates, timings):
-    """The `candidates` sources worth exact rescoring: stage 1, the FAISS search of the `shortlist` whose
-    vectors match the target's; stage 2, the best of those by LogME through the prefilter's basis."""
+    """The `candidates` sources worth exact rescoring: the FAISS search for those whose linearised
+    evidence for the target is highest (see prefilter.py)."""
     started = time.perf_counter()
-    config = PrefilterConfig(**store.meta(txn)["prefilter"])
-    query = TargetQuery(X, encode_labels(labels, regression), regression, config)
-    ids = prefilter.search(query.vector, max(config.shortlist, candidates))
+    ids = prefilter.search(X, encode_labels(labels, regression), candidates)
     names = [n for n in (store.name_of(i, txn) for i in ids) if n is not None]
     timings["prefilter"] = time.perf_counter() - started
-    started = time.perf_counter()
-    if len(names) > candidates:
-        sketches = np.stack([r.arrays[SKETCH_KEY] for r in store.records(names, txn, keys=[SKETCH_KEY])])
-        scores = query.scores(sketches)
-        names = [names[i] for i in np.argsort(-np.nan_to_num(scores, nan=-np.inf), kind="stable")[:candidates]]
-    timings["shortlist"] = time.perf_counter() - started
     return names
 
 

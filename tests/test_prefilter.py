@@ -1,4 +1,4 @@
-"""The prefilter: sketches from W alone, stage-2 LogME through the basis, FAISS index types, the scale pool."""
+"""The prefilter: moments from W alone, the linearised evidence and its basis, FAISS index types, the scale pool."""
 
 import importlib.util
 from pathlib import Path
@@ -9,9 +9,9 @@ import pytest
 from esm_index import ESMIndex, ESMIndexError
 from esm_index.esm import ESM
 from esm_index.evaluate import rank_correlation, recall_at_k
-from esm_index.logme import TargetStats, encode_labels, logme_from_stats, logme_score
-from esm_index.prefilter import (SKETCH_KEY, VECTOR_KEY, Prefilter, PrefilterConfig, TargetQuery, faiss_index,
-                                 project, search_vector, sketch)
+from esm_index.logme import TargetStats, _fixed_point, encode_labels, logme_from_stats, logme_score
+from esm_index.prefilter import (INDEX_FILE, Basis, Prefilter, PrefilterConfig, _pack, _unpack, evidence_gradient,
+                                 faiss_index, moments)
 
 DIM = 24
 
@@ -38,108 +38,179 @@ def target(n=120, dim=DIM, classes=3, seed=1):
     return X, labels
 
 
-def test_sketch_is_the_map_seen_through_the_basis():
-    config = PrefilterConfig(rank=4, sketch_rank=10)
-    W, b = structured_maps(3)
-    P = config.sketch_basis(DIM)
-    assert P.shape == (DIM + 1, 10) and np.allclose(P.T @ P, np.eye(10))
-    packed = sketch(project(W, b, P))
-    assert packed.shape == (3, 55) and packed.dtype == np.float32
-    T = np.zeros((3, 10, 10))
-    rows, cols = np.triu_indices(10)
-    T[:, rows, cols] = packed
-    Wt = np.concatenate([W, b[:, :, None]], axis=2).astype(np.float64)
-    np.testing.assert_allclose(np.swapaxes(T, 1, 2) @ T, P.T @ np.swapaxes(Wt, 1, 2) @ Wt @ P, rtol=1e-4, atol=1e-4)
-    # the stage-1 vector is the leading 4 x 4 block of P^T M P, normalised, as a trace inner product
-    vector = search_vector(packed, 4)
-    assert vector.shape == (3, 10) and np.allclose(np.linalg.norm(vector, axis=1), 1, atol=1e-6)
-    S = (P[:, :4].T @ np.swapaxes(Wt, 1, 2) @ Wt @ P[:, :4])
-    np.testing.assert_allclose(vector[0] @ vector[1], np.sum(S[0] * S[1]) / np.linalg.norm(S[0]) / np.linalg.norm(S[1]),
-                               rtol=1e-4)
-
-
-def test_stage_two_is_logme_of_the_target_seen_through_the_basis():
-    config = PrefilterConfig(rank=4, sketch_rank=12)
-    W, b = structured_maps(4)
-    X, labels = target()
-    Y = encode_labels(labels, False)
-    query = TargetQuery(X, Y, False, config)
-    scores = query.scores(sketch(project(W, b, config.sketch_basis(DIM))))
-    P = config.sketch_basis(DIM)
-    Xt = np.hstack([X, np.ones((len(X), 1))])
-    for k in range(4):
-        WP = np.hstack([W[k], b[k][:, None]]).astype(np.float64) @ P
-        features = Xt @ P @ np.linalg.cholesky(WP.T @ WP)  # kernel X~P (P^T M P) P^T X~^T, r columns
-        assert scores[k] == pytest.approx(logme_score(features, labels), rel=1e-4, abs=1e-4)
-
-
-def test_stage_two_with_a_complete_basis_ranks_like_the_exact_scan():
-    config = PrefilterConfig(sketch_rank=DIM + 1)  # a complete basis of the (d+1)-space of [x, 1]
-    W, b = structured_maps(40)
-    X, labels = target()
+def exact_and_linearised(W, b, X, labels):
+    """Exact ESM-LogME of each map, and its evidence linearised at the pool's mean map at full size."""
     exact = logme_from_stats(W, b, TargetStats.from_embeddings(X, labels))
-    approx = TargetQuery(X, encode_labels(labels, False), False, config).scores(
-        sketch(project(W, b, config.sketch_basis(DIM))))
-    assert rank_correlation(exact, approx)["spearman"] > 0.98
-    assert recall_at_k(exact, np.argsort(-approx)[:10], 5) == 1.0
+    packed = moments(W, b)
+    M0 = _unpack(packed.mean(0, dtype=np.float64), DIM + 1)
+    return exact, packed @ _pack(evidence_gradient(X, encode_labels(labels, False), M0))
+
+
+def test_moments_are_scale_free_and_inner_products_are_traces():
+    W, b = structured_maps(2)
+    packed = moments(W, b)
+    assert packed.shape == (2, (DIM + 1) * (DIM + 2) // 2) and packed.dtype == np.float32
+    np.testing.assert_allclose(moments(3 * W, 3 * b), packed, rtol=1e-5, atol=1e-7)
+    Wt = np.concatenate([W, b[:, :, None]], axis=2).astype(np.float64)
+    M = np.swapaxes(Wt, 1, 2) @ Wt
+    assert packed[0] @ packed[1] == pytest.approx(np.sum(M[0] * M[1]) / np.linalg.norm(M[0]) / np.linalg.norm(M[1]),
+                                                  rel=1e-5)
+    np.testing.assert_allclose(_unpack(_pack(M[0]), DIM + 1), M[0])
+
+
+def test_evidence_gradient_is_the_derivative_of_logme():
+    X, labels = target()
+    Y, n = encode_labels(labels, False), len(X)
+    Xt = np.hstack([X, np.ones((n, 1))])
+    rng = np.random.default_rng(2)
+    L = np.eye(DIM + 1) + 0.2 * rng.standard_normal((DIM + 1, DIM + 1))
+    M0 = L @ L.T
+    H = rng.standard_normal((DIM + 1, DIM + 1))
+    H = (H + H.T) / 2
+    gradient = np.sum(evidence_gradient(X, Y, M0) * H)
+
+    def features(M):
+        values, vectors = np.linalg.eigh(M)
+        return Xt @ (vectors * np.sqrt(values))
+
+    # alpha and beta of LogME's fixed point at M0, then the class-mean log marginal likelihood by its definition
+    U, s, _ = np.linalg.svd(features(M0), full_matrices=False)
+    x2 = ((U.T @ Y) ** 2).T
+    alpha, beta, _, _ = _fixed_point(s**2, x2, np.maximum((Y * Y).sum(0) - x2.sum(1), 0), n)
+
+    def likelihood(M):
+        total = 0.0
+        for c in range(Y.shape[1]):
+            S = Xt @ M @ Xt.T / alpha[c] + np.eye(n) / beta[c]
+            total += -np.linalg.slogdet(S)[1] / 2 - Y[:, c] @ np.linalg.solve(S, Y[:, c]) / 2
+        return total / Y.shape[1]
+
+    step = 1e-6
+    assert gradient == pytest.approx((likelihood(M0 + step * H) - likelihood(M0 - step * H)) / (2 * step), rel=1e-6)
+    # and of LogME itself (its alpha and beta move with M, but the evidence is stationary in them up to
+    # the fixed point's tolerance); logme_score is the class-mean evidence divided by n
+    step = 1e-3
+    logme = (logme_score(features(M0 + step * H), labels) - logme_score(features(M0 - step * H), labels)) / (2 * step)
+    assert gradient == pytest.approx(n * logme, rel=0.05)
+
+
+def test_basis_is_exact_for_small_pools_and_search_follows_the_linearised_evidence():
+    W, b = structured_maps(30)
+    X, labels = target()
+    packed = moments(W, b)
+    basis = Basis.fit(packed, rank=64)
+    assert basis.components.shape == (29, packed.shape[1])  # 30 maps span 29 directions around their mean
+    np.testing.assert_allclose(basis.mean + basis.coordinates(packed) @ basis.components, packed, atol=1e-5)
+    _, linearised = exact_and_linearised(W, b, X, labels)
+    query = basis.query(X, encode_labels(labels, False))
+    assert rank_correlation(basis.coordinates(packed) @ query, linearised)["spearman"] > 0.999
+    assert Basis.fit(packed[:1].repeat(3, 0), rank=8).components.shape == (1, packed.shape[1])  # no spread
+
+
+def test_linearised_evidence_finds_the_exact_winners():
+    W, b = structured_maps(60)
+    for seed in (1, 2, 3):
+        X, labels = target(seed=seed)
+        exact, linearised = exact_and_linearised(W, b, X, labels)
+        assert rank_correlation(exact, linearised)["spearman"] > 0.8
+        assert recall_at_k(exact, np.argsort(-linearised)[:20], 5) == 1.0  # chance: 1/3
 
 
 def test_faiss_index_is_exhaustive_while_small_and_ivf_beyond():
     import faiss
 
     rng = np.random.default_rng(0)
-    centres = rng.standard_normal((40, 16))  # clustered, like sketches of related sources
+    centres = rng.standard_normal((40, 16))  # clustered, like coordinates of related sources
     vectors = (centres[rng.integers(0, 40, 3000)] + 0.3 * rng.standard_normal((3000, 16))).astype(np.float32)
-    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     ids = np.arange(3000, dtype=np.int64) * 7
     flat = faiss_index(vectors, ids, PrefilterConfig(exact_max=5000))
     ivf = faiss_index(vectors, ids, PrefilterConfig(exact_max=1000, nprobe=16))
     assert isinstance(faiss.downcast_index(flat.index), faiss.IndexFlatIP)
-    assert isinstance(ivf, faiss.IndexIVFFlat) and ivf.nlist == int(4 * np.sqrt(3000)) and ivf.nprobe == 16
+    assert isinstance(ivf, faiss.IndexIVFFlat) and ivf.nlist == 3000 // 39  # 4 sqrt(N) lists, each of >= 39 vectors and ivf.nprobe == 16
+    assert faiss_index(vectors[:0], ids[:0], PrefilterConfig()) is None
     query = vectors[:20] + 0.1 * rng.standard_normal((20, 16)).astype(np.float32)
-    exact = Prefilter(flat, 0)
-    approx = Prefilter(ivf, 0)
-    overlap = [len(set(exact.search(q, 50)) & set(approx.search(q, 50))) / 50 for q in query]
-    assert np.mean(overlap) > 0.8 and all(i % 7 == 0 for i in approx.search(query[0], 50))
+    _, exact = flat.search(query, 50)
+    _, approx = ivf.search(query, 50)
+    assert np.mean([len(set(e) & set(a)) / 50 for e, a in zip(exact, approx)]) > 0.8 and (approx % 7 == 0).all()
     ivf.nprobe = ivf.nlist  # every list visited: the exhaustive answer
-    assert all(set(exact.search(q, 50)) == set(approx.search(q, 50)) for q in query)
+    assert all(set(e) == set(a) for e, a in zip(exact, ivf.search(query, 50)[1]))
 
 
-def test_ivf_prefilter_round_trips_with_its_search_settings(tmp_path):
-    rng = np.random.default_rng(1)
-    vectors = rng.standard_normal((2000, 8)).astype(np.float32)
-    saved = Prefilter(faiss_index(vectors, np.arange(2000, dtype=np.int64), PrefilterConfig(exact_max=100, nprobe=5)), 7)
-    saved.save(tmp_path)
-    loaded = Prefilter.load(tmp_path)
-    assert loaded.generation == 7 and loaded.index.nprobe == 5 and loaded.index.ntotal == 2000
-    assert loaded.search(vectors[3], 10) == saved.search(vectors[3], 10)
+def index_of(path, W, b, **config):
+    index = ESMIndex.create(path, base_model="base", dim=DIM, prefilter=PrefilterConfig(**config))
+    for k in range(len(W)):
+        index.add_esm(f"s{k}", ESM(W[k], b[k]))
+    return index
 
 
-def test_index_records_carry_both_stages_and_queries_report_them(tmp_path):
-    W, b = structured_maps(30)
-    with ESMIndex.create(tmp_path / "index", base_model="base", dim=DIM,
-                         prefilter=PrefilterConfig(rank=4, sketch_rank=12, shortlist=10)) as index:
-        for k in range(30):
-            index.add_esm(f"s{k}", ESM(W[k], b[k]))
-        record = index.store.get("s3")
-        assert record.arrays[VECTOR_KEY].shape == (10,) and record.arrays[SKETCH_KEY].shape == (78,)
-        X, labels = target()
-        full = {r.source: r.score for r in index.query_embeddings(X, labels, top_k=30, candidates=None)}
-        ranking = index.query_embeddings(X, labels, top_k=5, candidates=5)
-        assert ranking.candidates == 5 and ranking.pool == 30
-        assert {"statistics", "prefilter", "shortlist", "rescore"} <= set(ranking.timings)
+def test_queries_rescore_the_prefilter_candidates_exactly(tmp_path):
+    W, b = structured_maps(40)
+    X, labels = target()
+    with index_of(tmp_path / "index", W, b) as index:
+        assert not any(key.startswith("prefilter") for key in index.store.get("s3").arrays)  # derived data only
+        full = {r.source: r.score for r in index.query_embeddings(X, labels, top_k=40, candidates=None)}
+        ranking = index.query_embeddings(X, labels, top_k=5, candidates=15)
+        assert ranking.candidates == 15 and ranking.pool == 40
+        assert {"statistics", "prefilter", "rescore"} <= set(ranking.timings)
+        assert [r.source for r in ranking] == sorted(full, key=full.get, reverse=True)[:5]  # the exact top 5 kept
         for result in ranking:
             assert result.score == pytest.approx(full[result.source], rel=1e-9)
+        prefilter = index.prefilter()
+        assert prefilter.vectors.shape == (40, 39) and prefilter.basis.trained_on == 40
+
+
+def test_stale_prefilter_projects_new_sources_and_retrains_when_the_pool_doubles(tmp_path):
+    W, b = structured_maps(90)
+    with index_of(tmp_path / "index", W[:30], b[:30], rank=16) as index:
+        first = index.prefilter()
+        for k in range(30, 50):
+            index.add_esm(f"s{k}", ESM(W[k], b[k]))
+        index.remove("s0")
+        grown = index.prefilter()
+        assert grown.basis.trained_on == 30 and grown.vectors.shape == (49, 16)  # projected on the same basis
+        np.testing.assert_array_equal(grown.basis.components, first.basis.components)
+        kept = np.isin(first.ids, grown.ids)
+        np.testing.assert_array_equal(grown.vectors[np.isin(grown.ids, first.ids)], first.vectors[kept])
+        again = Prefilter.build(index.store, previous=grown, reuse=False)  # what verify recomputes
+        np.testing.assert_allclose(again.vectors, grown.vectors, atol=1e-5)
+        assert Prefilter.load(index.path).generation == index.store.generation
+        for k in range(50, 90):
+            index.add_esm(f"s{k}", ESM(W[k], b[k]))
+        assert index.prefilter().basis.trained_on == 89  # 89 >= 2 x 30 sources: retrained on all of them
+        assert index.verify().ok
+    with ESMIndex.create(tmp_path / "capped", base_model="base", dim=DIM,
+                         prefilter=PrefilterConfig(train_max=20)) as index:
+        for k in range(60):
+            index.add_esm(f"s{k}", ESM(W[k], b[k]))
+        assert index.prefilter().basis.trained_on == 20  # a seeded sample of train_max sources
+
+
+def test_prefilter_file_round_trips_and_a_foreign_file_means_rebuild(tmp_path):
+    W, b = structured_maps(12)
+    with index_of(tmp_path / "index", W, b, exact_max=5, nprobe=2) as index:
+        built = index.prefilter()
+        assert built.index.nprobe == 2  # IVF beyond exact_max, its search setting saved with it
+        loaded = Prefilter.load(index.path)
+        np.testing.assert_array_equal(loaded.vectors, built.vectors)
+        assert loaded.index.nprobe == 2 and loaded.basis.trained_on == 12
+        X, labels = target()
+        Y = encode_labels(labels, False)
+        assert loaded.search(X, Y, 4) == built.search(X, Y, 4)
+        (index.path / INDEX_FILE).write_bytes(b"not a prefilter")
+        assert Prefilter.load(index.path) is None
+    with ESMIndex.create(tmp_path / "empty", base_model="base", dim=DIM) as empty:
+        assert empty.prefilter().search(X, Y, 3) == []
 
 
 def test_prefilter_settings_are_checked():
-    for bad in ({"rank": 0}, {"sketch_rank": -1}, {"shortlist": -1}, {"exact_max": -5}, {"nprobe": 0},
-                {"rank": 1.5}):
+    for bad in ({"rank": 0}, {"train_max": 0}, {"exact_max": -5}, {"nprobe": 0}, {"rank": 1.5}, {"seed": True}):
         with pytest.raises(ESMIndexError, match="prefilter"):
             PrefilterConfig(**bad)
+    legacy = {"rank": 24, "sketch_rank": 64, "seed": 0, "shortlist": 0, "exact_max": 50_000, "nprobe": 64}
+    assert PrefilterConfig.from_meta(legacy) == PrefilterConfig(rank=24)  # an earlier index's settings
 
 
-def test_pool_sketches_equal_those_of_the_materialised_maps():
+def test_pool_coordinates_equal_those_of_the_materialised_maps():
     pool_module = load_pool_module()
     W, b = structured_maps(6)
     pool = pool_module.DerivedPool.derive([f"r{k}" for k in range(6)], W, b, 50, seed=3)
@@ -148,14 +219,6 @@ def test_pool_sketches_equal_those_of_the_materialised_maps():
     np.testing.assert_allclose(pool.mix.sum(1), 1, rtol=1e-6)
     Wm, bm = pool.materialise(np.arange(6))
     np.testing.assert_array_equal(Wm, W)  # the real maps come first, unchanged
-    P = PrefilterConfig(sketch_rank=8).sketch_basis(DIM)
-    ids = np.arange(50)
-    direct = sketch(project(*pool.materialise(ids), P))
-    by_linearity = pool.sketches(P, batch=16)
-    # T is unique up to the signs of its rows: compare T^T T
-    rows, cols = np.triu_indices(8)
-    def gram(packed):
-        T = np.zeros((len(packed), 8, 8))
-        T[:, rows, cols] = packed
-        return np.swapaxes(T, 1, 2) @ T
-    np.testing.assert_allclose(gram(by_linearity), gram(direct), rtol=1e-4, atol=1e-4)
+    direct = moments(*pool.materialise(np.arange(50)))
+    basis = Basis.fit(direct[::2], rank=8)
+    np.testing.assert_allclose(pool.coordinates(basis, batch=16), basis.coordinates(direct), atol=1e-5)

@@ -335,7 +335,7 @@ def test_verify_flags_records_that_do_not_fit_the_index(path):
     cases = {
         b"wrong-shape": {**good.arrays, "stats.mapped_mean": np.zeros(DIM + 1, np.float32)},
         b"not-finite": {**good.arrays, "esm.bias": np.full(DIM, np.nan, np.float32)},
-        b"no-vector": {k: v for k, v in good.arrays.items() if k != "prefilter.vector"},
+        b"no-weight": {k: v for k, v in good.arrays.items() if k != "esm.weight"},
         b"no-bias": {k: v for k, v in good.arrays.items() if k != "esm.bias"},
         b"other-dim": {**good.arrays, "esm.weight": np.eye(8, dtype=np.float32)},
     }
@@ -346,7 +346,7 @@ def test_verify_flags_records_that_do_not_fit_the_index(path):
     with ESMIndex.open(path, readonly=True) as index:
         problems = "\n".join(index.verify().problems)
     for expected in ["'wrong-shape': stats.mapped_mean has shape (17,)", "'not-finite': esm.bias contains NaN",
-                     "'no-vector': missing array 'prefilter.vector'", "'no-bias': missing array 'esm.bias'",
+                     "'no-weight': missing array 'esm.weight (or esm.r)'", "'no-bias': missing array 'esm.bias'",
                      "'other-dim': the ESM's arrays do not form a map", "'other-model': the ESM is for base model "
                      "'roberta-base'"]:
         assert expected in problems

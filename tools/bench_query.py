@@ -2,23 +2,21 @@
 
 Pools are derived from the real ESMs of an index by tools/pool.py (Dirichlet mixtures of real maps; see
 its docstring). For each pool size N, in a fresh process (so peak memory is that size's own):
-  build      every ESM's prefilter sketch (by linearity, equal to the materialised maps' sketches), its
-             FAISS vector and the FAISS index the index would build (exhaustive <= exact_max, IVF beyond),
-             saved with Prefilter.save; sketches kept in a memory-mapped .npy, as LMDB would page them in.
+  build      the prefilter the index would build: its basis trained on a seeded sample of train_max
+             sources' moments, every source's coordinates (by bilinearity, equal to those of the
+             materialised maps), the FAISS index over them (exhaustive <= exact_max, IVF beyond), saved
+             with Prefilter.save.
   per target, from precomputed base embeddings of its texts, --repeats times (p50 and p90 reported):
     statistics  TargetStats (A, B) of the target
-    prefilter   the target's vector in the basis and the FAISS search (of `candidates`, or of the
-                index's `shortlist` when stage 2 is on)
-    shortlist   stage 2, when on: LogME through the basis of the shortlisted sketches, best kept
+    prefilter   the target's query vector (the evidence gradient on the basis) and the FAISS search
     rescore     exact ESM-LogME of the candidates
-    query       the sum of the four; `+embed` adds embedding the target's texts with the base model
+    query       the sum of the three; `+embed` adds embedding the target's texts with the base model
                 (timed once per run on the first target).
     materialise rebuilding the candidates' maps from the compact pool, timed apart and not in `query`:
                 an index reads them from LMDB instead (see `lmdb` below).
   exact      the full scan of the same pool: ESM-LogME of all N maps, for --scan-targets targets; scores
              are cached under --cache in chunks (resumable; a resumed scan reports the time summed over
-             its runs). recall@k = share of the scan's top k among the candidates, after stage 1 alone
-             (FAISS top K) and after stages 1 + 2 (stage 2's top K of the FAISS top 1,000).
+             its runs). recall@k = share of the scan's top k among the FAISS top K.
   lmdb       for N <= --index-max, the same pool written to a real index and queried end to end with
              ESMIndex.query_embeddings (LMDB reads and all): p50 of its total.
 
@@ -48,13 +46,11 @@ from esm_index.data import TARGET_MAX_EXAMPLES, read_task  # noqa: E402
 from esm_index.embed import DEFAULT_BASE_MODEL, Encoder  # noqa: E402
 from esm_index.evaluate import recall_at_k  # noqa: E402
 from esm_index.logme import TargetStats, encode_labels, logme_from_stats  # noqa: E402
-from esm_index.prefilter import Prefilter, PrefilterConfig, TargetQuery, faiss_index, search_vector  # noqa: E402
+from esm_index.prefilter import Basis, Prefilter, PrefilterConfig, faiss_index, moments  # noqa: E402
 from esm_index.query import DEFAULT_CANDIDATES  # noqa: E402
 
 RECALL_K = (5, 10)
 CANDIDATES = (10, 20, 50, 100, 200)
-STAGE1_K = (50, 100, 200, 1000)
-STAGE2_SHORTLIST = 1000  # FAISS hits that stage 2 reorders for its recall figures
 
 
 def targets(tasks, cache, base_model):
@@ -104,40 +100,34 @@ def exact_scan(pool, X, labels, file, batch=256):
     return scores, seconds
 
 
-def stage_two(query, sketches, ids):
-    """The ids reordered by stage 2 (LogME through the basis), best first."""
-    ids = np.sort(ids)  # in file order: the memory-mapped sketches are read sequentially
-    return ids[np.argsort(-np.nan_to_num(query.scores(sketches[ids]), nan=-np.inf), kind="stable")]
-
-
 def run_size(args, size):
     """Everything measured for one pool size; returns a JSON-able dict."""
     faiss.omp_set_num_threads(args.threads)
     config = PrefilterConfig()
     names, weights, biases, base_model = load_real(args.real)
     pool = DerivedPool.derive(names, weights, biases, size, seed=args.seed)
-    tag = hashlib.sha1(json.dumps([names, size, args.seed]).encode()).hexdigest()[:12]
-    work = args.cache / f"pool-{size}-{tag}"
-    work.mkdir(parents=True, exist_ok=True)
     dim = weights.shape[1]
     out = {"size": size, "real": len(names), "dim": dim, "config": vars(config)}
+    work = args.cache / f"pool-{size}-{hashlib.sha1(json.dumps([names, size, args.seed]).encode()).hexdigest()[:12]}"
+    work.mkdir(parents=True, exist_ok=True)
 
     started = time.perf_counter()
-    sketch_file = work / "sketches.npy"
-    if not sketch_file.exists():
-        np.save(work / "sketches.tmp.npy", pool.sketches(config.sketch_basis(dim)))
-        (work / "sketches.tmp.npy").replace(sketch_file)
-    sketches = np.load(sketch_file, mmap_mode="r")
-    vectors = np.concatenate([search_vector(sketches[s : s + 65536], config.basis(dim).shape[1])
-                              for s in range(0, size, 65536)])
-    out["sketch_seconds"] = time.perf_counter() - started
+    sample = np.arange(size)
+    if size > config.train_max:  # as Prefilter.build samples (there by source id, here by position)
+        sample = np.sort(np.random.default_rng(config.seed).choice(size, config.train_max, replace=False))
+    basis = Basis.fit(np.concatenate([moments(*pool.materialise(sample[s : s + 64]))
+                                      for s in range(0, len(sample), 64)]), config.rank)
+    out["basis_seconds"] = time.perf_counter() - started
     started = time.perf_counter()
-    prefilter = Prefilter(faiss_index(vectors, np.arange(size, dtype=np.int64), config), 0)
+    ids = np.arange(size, dtype=np.int64)
+    vectors = pool.coordinates(basis)
+    out["coordinates_seconds"] = time.perf_counter() - started
+    started = time.perf_counter()
+    prefilter = Prefilter(basis, ids, vectors, faiss_index(vectors, ids, config), 0)
     out["faiss_build_seconds"] = time.perf_counter() - started
     out["faiss_type"] = type(prefilter.index).__name__
     prefilter.save(work)
-    out["faiss_file_bytes"] = (work / "prefilter.npz").stat().st_size
-    out["sketch_file_bytes"] = sketch_file.stat().st_size
+    out["prefilter_file_bytes"] = (work / "prefilter.npz").stat().st_size
     del vectors
 
     data = targets(args.tasks, args.cache / "targets", args.base_model)
@@ -153,33 +143,24 @@ def run_size(args, size):
             stats = TargetStats.from_embeddings(X, labels)
             times["statistics"] = time.perf_counter() - started
             started = time.perf_counter()
-            query = TargetQuery(X, Y, False, config)
-            ids = np.asarray(prefilter.search(query.vector, max(config.shortlist, args.candidates)))
+            candidates = np.asarray(prefilter.search(X, Y, args.candidates))
             times["prefilter"] = time.perf_counter() - started
-            started = time.perf_counter()
-            candidates = ids[: args.candidates]
-            if len(ids) > args.candidates:  # stage 2 on, as query.prefiltered runs it
-                candidates = stage_two(query, sketches, ids)[: args.candidates]
-            times["shortlist"] = time.perf_counter() - started
             started = time.perf_counter()
             W, b = pool.materialise(candidates)
             times["materialise"] = time.perf_counter() - started
             started = time.perf_counter()
             logme_from_stats(W, b, stats)
             times["rescore"] = time.perf_counter() - started
-            times["query"] = sum(times[k] for k in ("statistics", "prefilter", "shortlist", "rescore"))
+            times["query"] = sum(times[k] for k in ("statistics", "prefilter", "rescore"))
             for key, value in times.items():
                 latency.setdefault(key, []).append(value)
         if t < args.scan_targets and size <= args.scan_max:
             scores, seconds = exact_scan(pool, X, labels, work / f"scan-{name}.npz")
             latency.setdefault("exact_scan", []).append(seconds)
-            stage1 = np.asarray(prefilter.search(query.vector, max(STAGE1_K)))
-            ranked = stage_two(query, sketches, stage1[:STAGE2_SHORTLIST])
+            ranked = np.asarray(prefilter.search(X, Y, max(CANDIDATES)))
             for k in RECALL_K:
-                for K in STAGE1_K:
-                    recall.setdefault(f"stage1 r@{k} K={K}", []).append(recall_at_k(scores, stage1[:K], k))
                 for K in CANDIDATES:
-                    recall.setdefault(f"stages1+2 r@{k} K={K}", []).append(recall_at_k(scores, ranked[:K], k))
+                    recall.setdefault(f"r@{k} K={K}", []).append(recall_at_k(scores, ranked[:K], k))
         print(f"  {size}: {name} done", file=sys.stderr, flush=True)
     out["latency_p50"] = {k: float(np.median(v)) for k, v in latency.items()}
     out["latency_p90"] = {k: float(np.percentile(v, 90)) for k, v in latency.items()}
@@ -212,22 +193,22 @@ def index_query(pool, work, data, names_t, base_model, args):
 def report(results, embed):
     """The figures as Markdown tables."""
     lines = [f"embedding one target's texts (base model, first target): {embed:.2f} s" if embed else ""]
-    stages = ("statistics", "prefilter", "shortlist", "rescore", "query", "materialise")
-    lines += ["", "| N | FAISS | " + " | ".join(f"{s} p50" for s in stages) + " | query+embed p50 | exact scan "
-              "| speed-up | lmdb query p50 | peak RSS | FAISS file | sketches file |",
-              "|" + "---|" * (len(stages) + 8)]
+    stages = ("statistics", "prefilter", "rescore", "query", "materialise")
+    lines += ["", "| N | FAISS | build (basis + coordinates + FAISS) | " + " | ".join(f"{s} p50" for s in stages)
+              + " | query+embed p50 | exact scan | speed-up | lmdb query p50 | peak RSS | prefilter file |",
+              "|" + "---|" * (len(stages) + 9)]
     for r in results:
         p50 = r["latency_p50"]
         scan = p50.get("exact_scan")
+        build = r["basis_seconds"] + r["coordinates_seconds"] + r["faiss_build_seconds"]
         lines.append(
-            f"| {r['size']:,} | {r['faiss_type']} | " + " | ".join(f"{p50[s] * 1000:.0f} ms" for s in stages)
+            f"| {r['size']:,} | {r['faiss_type']} | {build:.1f} s | "
+            + " | ".join(f"{p50[s] * 1000:.0f} ms" for s in stages)
             + f" | {(p50['query'] + embed) if embed else float('nan'):.2f} s"
             + (f" | {scan:.0f} s | {scan / p50['query']:.0f}x" if scan else " | - | -")
             + (f" | {r['lmdb_query_p50'] * 1000:.0f} ms" if "lmdb_query_p50" in r else " | -")
-            + f" | {r['peak_rss_bytes'] / 2**20:.0f} MiB | {r['faiss_file_bytes'] / 2**20:.1f} MiB"
-            f" | {r['sketch_file_bytes'] / 2**20:.1f} MiB |")
-    keys = sorted({k for r in results for k in r["recall"]}, key=lambda k: (k.split()[0], k.split()[1],
-                                                                            int(k.split("=")[1])))
+            + f" | {r['peak_rss_bytes'] / 2**20:.0f} MiB | {r['prefilter_file_bytes'] / 2**20:.1f} MiB |")
+    keys = sorted({k for r in results for k in r["recall"]}, key=lambda k: (k.split()[0], int(k.split("=")[1])))
     if keys:
         lines += ["", "| recall (mean over scanned targets) | " + " | ".join(f"N={r['size']:,}" for r in results)
                   + " |", "|---|" + "---|" * len(results)]
