@@ -21,6 +21,7 @@ dropping removed ones; the basis is retrained when the pool has doubled since it
 was trained on `train_max` sources).
 """
 
+import os
 import tempfile
 from dataclasses import dataclass, fields
 from pathlib import Path
@@ -188,6 +189,7 @@ class Prefilter:
         with tempfile.NamedTemporaryFile(dir=folder, prefix=INDEX_FILE + ".", suffix=".tmp", delete=False) as file:
             try:
                 np.savez(file, **arrays)
+                os.fchmod(file.fileno(), 0o644)  # readable like the store beside it (temporary files are 0600)
             except BaseException:
                 Path(file.name).unlink()
                 raise

@@ -84,12 +84,13 @@ def write_manifest(index, tasks, models, target):
     groups = defaultdict(list)  # sources fine-tuned alike: one command each (a cap of `examples` redraws the sample)
     for name in sorted(index.store.names()):
         tuned = finetuned(models, name)
-        groups[tuned["epochs"], tuned["examples"], tuned.get("max_length", 128), tuned["seed"]].append(name)
+        groups[tuned["epochs"], tuned.get("learning_rate", 2e-5), tuned["examples"], tuned.get("max_length", 128),
+               tuned["seed"]].append(name)
     lines += ["", "Rebuild (from the repository root, on a machine with the corpora of tools/make_tasks.py):", "",
               "```", f"python tools/make_tasks.py {tasks}"]
-    lines += [f"python tools/finetune_sources.py {tasks} {models} --epochs {epochs:g} --max-examples {examples} "
-              f"--max-length {length} --seed {seed}{base} --only {' '.join(names)}"
-              for (epochs, examples, length, seed), names in groups.items()]
+    lines += [f"python tools/finetune_sources.py {tasks} {models} --epochs {epochs:g} --learning-rate {rate:g} "
+              f"--max-examples {examples} --max-length {length} --seed {seed}{base} --only {' '.join(names)}"
+              for (epochs, rate, examples, length, seed), names in groups.items()]
     lines += [
         f"python tools/build_default_index.py {tasks} {models} {index.path} --target {target}{base} "
         f"--storage {info['storage']}",
