@@ -201,15 +201,16 @@ def report(gt, scores, paths):
         "",
         "```",
         "python tools/make_tasks.py data/tasks",
-        "python tools/finetune_sources.py data/tasks data/models ...  # settings: indexes/default/MANIFEST.md",
-        f"python tools/ground_truth.py data/tasks data/models {paths.ground_truth} --seeds "
-        + " ".join(map(str, gt.seeds))
-        + f" --train-examples {s['train_examples']} --test-examples {s['test_examples']} --epochs {s['epochs']:g}"
+        f"python tools/finetune_sources.py data/tasks {paths.models} ...  # settings: indexes/default/MANIFEST.md",
+        f"python tools/ground_truth.py data/tasks {paths.models} {paths.ground_truth} --targets {' '.join(gt.targets)}"
+        f" --sources {' '.join(gt.sources)} --seeds {' '.join(map(str, gt.seeds))}"
+        f" --train-examples {s['train_examples']} --test-examples {s['test_examples']} --epochs {s['epochs']:g}"
         f" --learning-rate {s['learning_rate']:g} --batch-size {s['batch_size']} --max-length {s['max_length']}",
-        "python tools/build_default_index.py data/tasks data/models indexes/default",
-        f"python tools/score_methods.py data/tasks data/models indexes/default {paths.scores} --seeds "
-        + " ".join(map(str, gt.seeds)) + f" --train-examples {s['train_examples']}",
-        f"python tools/evaluate_selection.py {paths.ground_truth} {paths.scores} {paths.output}",
+        f"python tools/build_default_index.py data/tasks {paths.models} indexes/default",
+        f"python tools/score_methods.py data/tasks {paths.models} indexes/default {paths.scores} --targets "
+        f"{' '.join(gt.targets)} --seeds {' '.join(map(str, gt.seeds))} --train-examples {s['train_examples']}"
+        f" --candidates {' '.join(m[len('esm_logme_k'):] for m in per if m.startswith('esm_logme_k'))}",
+        f"python tools/evaluate_selection.py {paths.ground_truth} {paths.scores} {paths.output} --models {paths.models}",
         "```",
         "",
         "## Does the ground truth carry signal?",
@@ -313,6 +314,8 @@ def main():
     parser.add_argument("ground_truth", type=Path, help="written by tools/ground_truth.py")
     parser.add_argument("scores", type=Path, help="written by tools/score_methods.py")
     parser.add_argument("output", type=Path, help="Markdown file to write (EVALUATION.md)")
+    parser.add_argument("--models", type=Path, default=Path("data/models"),
+                        help="the source models' folder, as named in the commands the report lists")
     paths = parser.parse_args()
     latest = {(r["target"], r["seed"]): r for r in read_lines(paths.scores)}  # a rescored pair replaces the old
     text = report(GroundTruth(read_lines(paths.ground_truth)), list(latest.values()), paths)
