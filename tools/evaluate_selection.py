@@ -173,6 +173,16 @@ def table(header, rows):
     return lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
 
 
+def pending(gt, scores):
+    """A note when the scored pool holds sources whose ground truth is not complete yet."""
+    pool = sorted({source for row in scores for source in row["sources"]})
+    waiting = [source for source in pool if source not in gt.sources]
+    if not waiting:
+        return []
+    return ["", f"**Partial:** the scored pool holds {len(pool)} sources; the ground truth is complete for "
+            f"{len(gt.sources)} of them so far, and only those are evaluated (still to come: {', '.join(waiting)})."]
+
+
 def report(gt, scores, paths):
     s = gt.settings
     per = selection(gt, scores)
@@ -186,6 +196,7 @@ def report(gt, scores, paths):
         f"{len(gt.sources)} sources x {len(gt.targets)} targets x {len(gt.seeds)} seeds (plus the no-intermediate-task "
         "baseline), all measured on this machine. Written by `tools/evaluate_selection.py`; every number below "
         "comes from the two result files it read.",
+        *pending(gt, scores),
         "",
         "## How it was made",
         "",
