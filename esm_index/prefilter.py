@@ -121,6 +121,12 @@ class Basis:
             components = np.zeros((1, packed.shape[1]))
         return cls(mean.astype(np.float32), components.astype(np.float32), len(packed))
 
+    def fits(self, dim, config, pool):
+        """Whether this basis still serves a pool of `pool` sources of dimension `dim` under `config`: it is
+        retrained when the pool has doubled since training, until it was trained on train_max sources."""
+        return (self.mean.shape == ((dim + 1) * (dim + 2) // 2,) and self.components.shape[0] <= config.rank
+                and (self.trained_on >= config.train_max or pool < 2 * self.trained_on))
+
     def coordinates(self, packed):
         return ((packed - self.mean) @ self.components.T).astype(np.float32)
 
@@ -156,21 +162,23 @@ class Prefilter:
             table = store.id_table(txn)
             ids = np.array(sorted(table), np.int64)
             basis = None if previous is None else previous.basis
-            if basis is not None and (basis.mean.shape != (_width(meta["dim"]),) or basis.components.shape[0] > config.rank
-                                      or (basis.trained_on < config.train_max and len(ids) >= 2 * basis.trained_on)):
+            known = {}
+            if basis is not None and not basis.fits(meta["dim"], config, len(ids)):
                 basis = None
             if basis is None and len(ids):
                 sample = ids
                 if len(ids) > config.train_max:
                     rng = np.random.default_rng(config.seed)
                     sample = np.sort(rng.choice(ids, config.train_max, replace=False))
-                basis = Basis.fit(_moments(store, txn, [table[i] for i in sample]), config.rank)
-            known = {}
-            if reuse and previous is not None and basis is previous.basis:
+                packed = np.concatenate(list(_moments(store, txn, [table[i] for i in sample])))
+                basis = Basis.fit(packed, config.rank)
+                known = dict(zip(sample.tolist(), basis.coordinates(packed)))  # the sample's maps, read once
+            elif reuse and basis is not None:
                 known = dict(zip(previous.ids.tolist(), previous.vectors))
             new = [i for i in ids.tolist() if i not in known]
             if new:
-                known.update(zip(new, basis.coordinates(_moments(store, txn, [table[i] for i in new]))))
+                batches = _moments(store, txn, [table[i] for i in new])
+                known.update(zip(new, np.concatenate([basis.coordinates(packed) for packed in batches])))
         width = 0 if basis is None else basis.components.shape[0]
         vectors = np.stack([known[i] for i in ids.tolist()]) if len(ids) else np.zeros((0, width), np.float32)
         return cls(basis, ids, vectors, faiss_index(vectors, ids, config), meta["generation"])
@@ -235,19 +243,14 @@ class Prefilter:
         return [int(i) for i in ids[0] if i >= 0]
 
 
-def _width(dim):
-    return (dim + 1) * (dim + 2) // 2
-
-
 def _moments(store, txn, names):
-    """Packed normalised moments of the named sources' ESMs, read MOMENT_BATCH at a time."""
+    """Packed normalised moments of the named sources' ESMs, MOMENT_BATCH at a time (a generator, so that
+    projecting a large pool never holds more than one batch of d^2 / 2-wide moments)."""
     from .esm import ESM
 
-    out = []
     for start in range(0, len(names), MOMENT_BATCH):
         esms = [ESM.from_arrays(r.arrays) for r in store.records(names[start : start + MOMENT_BATCH], txn)]
-        out.append(moments(np.stack([e.weight for e in esms]), np.stack([e.bias for e in esms])))
-    return np.concatenate(out)
+        yield moments(np.stack([e.weight for e in esms]), np.stack([e.bias for e in esms]))
 
 
 def faiss_index(vectors, ids, config):
