@@ -2,17 +2,16 @@
 
 Why these vectors. ESM-LogME is the evidence E of a Bayesian linear model on F = X~ W~^T. It depends on an
 ESM only through M = W~^T W~ (the kernel X~ M X~^T) and not on M's scale (the prior's alpha absorbs it).
-Linearised at the pool's mean normalised map M0, a source's evidence is E(M0) + <M/|M| - M0, dE/dM(M0)>
-(Frobenius inner product) plus second-order terms: an inner product, which FAISS serves. vec(M) has
-(d+1)(d+2)/2 entries (74,305 at d = 384), so each source keeps only its coordinates on the `rank`
-principal directions of the pool's normalised maps (a PCA trained on a seeded sample of at most
-`train_max` sources, as FAISS trains its PCAMatrix or IVF quantiser), and the target's query vector is
-the evidence gradient on the same directions. For a pool of at most rank + 1 sources the coordinates
-are exact. Only W and b are needed, so imported ESMs without source texts are prefiltered alike.
-
-Measured (BENCHMARKS.md, "Query prefilter"): the full-size linearised evidence kept the exact scan's top 5
-within the top 100 of research pools of 300-400 real and derived ESMs, where fixed low-rank views of M
-(random or principal bases of the embeddings) kept 0-65 %.
+Each source is kept as the matrix logarithm L = log(M / |M|_F + floor I) (log-Euclidean coordinates; the
+floor because M has rank d of d + 1), and the target's evidence is linearised in L at the pool's mean L0:
+E(exp L0) + <L - L0, dE/dL(L0)> (Frobenius inner product), which FAISS serves. The evidence responds to
+the map's spectrum roughly multiplicatively, so it is far more linear in log M than in M: on a pool derived
+from real ESMs the same linearisation in M kept 0.78 of the exact top 5 within the top 100, in log M 0.95
+(BENCHMARKS.md, "Query prefilter"). vec(L) has (d+1)(d+2)/2 entries (74,305 at d = 384), so each source
+keeps only its coordinates on the `rank` principal directions of the pool's L (a PCA trained on a seeded
+sample of at most `train_max` sources, as FAISS trains its PCAMatrix or IVF quantiser), and the target's
+query vector is dE/dL on the same directions. For a pool of at most rank + 1 sources the coordinates are
+exact. Only W and b are needed, so imported ESMs without source texts are prefiltered alike.
 
 Everything here is derived data, saved in `prefilter.npz` with the store's generation: the basis, every
 source's coordinates and the FAISS index over them (exhaustive while the pool is small, IVF beyond
@@ -24,6 +23,7 @@ was trained on `train_max` sources).
 import os
 import tempfile
 from dataclasses import dataclass, fields
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +31,8 @@ import numpy as np
 from .errors import ESMIndexError
 
 INDEX_FILE = "prefilter.npz"  # basis, coordinates, FAISS index and generation, in one file
+KIND = "log-moments"  # what the saved coordinates are; a file of another kind is rebuilt
+LOG_FLOOR = 1e-6  # added to the eigenvalues of M / |M|_F before the log (M is singular)
 MOMENT_BATCH = 64  # ESMs whose d x d second moments are held at once
 
 
@@ -38,7 +40,7 @@ MOMENT_BATCH = 64  # ESMs whose d x d second moments are held at once
 class PrefilterConfig:
     """Kept in the store's metadata: the basis's size and training sample, and FAISS's search settings."""
 
-    rank: int = 64  # principal directions of the normalised maps: the FAISS vectors' width
+    rank: int = 64  # principal directions of the log maps: the FAISS vectors' width
     train_max: int = 2048  # sources the basis is trained on at most (a seeded sample beyond)
     seed: int = 0  # of that sample and of the IVF training sample
     exact_max: int = 50_000  # up to this many sources FAISS searches exhaustively (IndexFlatIP)
@@ -69,48 +71,92 @@ def _unpack(packed, size):
     return matrix + np.triu(matrix, 1).T
 
 
-def moments(weights, biases):
-    """Packed normalised second moments M / |M|_F (M = W~^T W~) of ESMs (k, d, d), (k, d): (k, T) float32."""
+def log_moments(weights, biases):
+    """Packed log(M / |M|_F + LOG_FLOOR I), M = W~^T W~, of ESMs (k, d, d), (k, d): (k, T) float32."""
     Wt = np.concatenate([np.asarray(weights, np.float64), np.asarray(biases, np.float64)[..., None]], axis=-1)
-    packed = _pack(np.swapaxes(Wt, -1, -2) @ Wt)
-    return (packed / np.maximum(np.linalg.norm(packed, axis=-1, keepdims=True), 1e-30)).astype(np.float32)
+    M = np.swapaxes(Wt, -1, -2) @ Wt
+    M /= np.maximum(np.linalg.norm(M, axis=(-2, -1), keepdims=True), 1e-30)
+    values, vectors = np.linalg.eigh(M)
+    logs = np.log(np.clip(values, 0, None) + LOG_FLOOR)
+    return _pack((vectors * logs[..., None, :]) @ np.swapaxes(vectors, -1, -2)).astype(np.float32)
 
 
-def evidence_gradient(X, Y, M0):
-    """dE/dM at M0 of LogME's class-averaged evidence for target embeddings X (n, d) and label columns Y
-    (n, C): per column, X~^T (u u^T - S^-1) X~ / (2 alpha) with S = X~ M0 X~^T / alpha + I / beta and
-    u = S^-1 y, alpha and beta from LogME's fixed point at M0. O(n d^2), never an n x n matrix."""
-    from .logme import _fixed_point, _kept
+def exp_chain(gradient, values, vectors):
+    """dE/dL at L = V diag(values) V^T from G = dE/dM at M = exp(L): V (Gamma o V^T G V) V^T, Gamma the
+    divided differences of exp at the eigenvalues (Daleckii-Krein), computed as exp(l_j) expm1(l_i - l_j)
+    / (l_i - l_j) so that close eigenvalues lose no precision."""
+    delta = values[:, None] - values[None, :]
+    same = delta == 0
+    gamma = np.exp(values)[None, :] * np.where(same, 1.0, np.expm1(delta) / np.where(same, 1.0, delta))
+    return vectors @ (gamma * (vectors.T @ gradient @ vectors)) @ vectors.T
+
+
+def evidence_gradient(X, Y, values, vectors):
+    """dE/dM at M0 = vectors diag(values) vectors^T of LogME's class-averaged evidence (times n) for target
+    embeddings X (n, d) and label columns Y (n, C), alpha and beta at their fixed point for M0 (and moving
+    with M). O(n d^2 + C d^2), never an n x n matrix.
+
+    With S = X~ M X~^T, t = alpha / beta and R = (S + t I)^-1, per column y:
+    - at fixed alpha and beta, dE/dS = alpha/2 R y y^T R - R/2 (the Gaussian marginal likelihood's gradient);
+    - the fixed point g1 = alpha (m2 + eps) - gamma = 0, g2 = beta (res2 + eps) - (n - gamma) = 0 moves alpha
+      and beta with S (implicit function theorem); that adds (dE/dalpha, dE/dbeta) d(alpha, beta)/dS, which
+      vanishes when n > d but not when n < d: thuml's evidence has d/2 log alpha for d weights while only
+      k = n eigenvalues enter its log-determinant, (d - k)/2 log alpha beyond the marginal likelihood.
+    The pieces are gamma, m2 = y^T S R^2 y and res2 = t^2 y^T R^2 y, with dgamma/dS = t R^2,
+    dm2/dS = -R y y^T R + t (R y y^T R^2 + R^2 y y^T R) and dres2/dS = -t^2 (R y y^T R^2 + R^2 y y^T R);
+    dE/dM = X~^T dE/dS X~."""
+    from .logme import RIDGE, _fixed_point, _kept
 
     n, d = X.shape
     Xt = np.hstack([X, np.ones((n, 1))])
-    values, vectors = np.linalg.eigh(M0)
     U, s, _ = np.linalg.svd(Xt @ (vectors * np.sqrt(np.clip(values, 0, None))), full_matrices=False)
     s2 = s**2
     keep = _kept(s2, n, d)
     U, s2 = U[:, keep], s2[keep]
     Uy = U.T @ Y  # (k, C): F's left singular vectors against each label column
     x2 = (Uy**2).T
-    alpha, beta, _, _ = _fixed_point(s2, x2, np.maximum((Y * Y).sum(0) - x2.sum(1), 0.0), n)
-    g = beta[:, None] - 1 / (s2 / alpha[:, None] + 1 / beta[:, None])  # (C, k): S^-1 = beta I - U diag(g) U^T
+    res_x2 = np.maximum((Y * Y).sum(0) - x2.sum(1), 0.0)  # energy of each y outside the span of F
+    alpha, beta, _, _ = _fixed_point(s2, x2, res_x2, n)
+    t = alpha / beta
+    r = 1 / (s2 + t[:, None])  # (C, k): R on the span of F; beyond it R = 1 / t
     XU = Xt.T @ U
-    Xu = Xt.T @ (beta * Y) - XU @ (g.T * Uy)  # (d+1, C): X~^T u per column
-    weight = 1 / (2 * alpha * len(alpha))  # class average of the 1 / (2 alpha) factors
-    return ((Xu * weight) @ Xu.T - (beta * weight).sum() * (Xt.T @ Xt)
-            + (XU * (weight @ g)) @ XU.T)
+    outside = Xt.T @ Y - XU @ Uy  # X~^T (I - U U^T) y per column
+    p = XU @ (r * Uy.T).T + outside / t  # (d+1, C): X~^T R y
+    q = XU @ (r**2 * Uy.T).T + outside / t**2  # X~^T R^2 y
+
+    # the fixed point's quantities at (alpha, beta), their t-derivatives, and its 2 x 2 Jacobian per column
+    gamma, m2 = (s2 * r).sum(1), (s2 * x2 * r**2).sum(1)
+    res2 = (x2 * (t[:, None] * r) ** 2).sum(1) + res_x2
+    dgamma, dm2 = -(s2 * r**2).sum(1), -2 * (s2 * x2 * r**3).sum(1)
+    dres2 = 2 * t * (s2 * x2 * r**3).sum(1)
+    jacobian = np.empty((len(t), 2, 2))
+    jacobian[:, 0, 0] = m2 + RIDGE + (alpha * dm2 - dgamma) / beta
+    jacobian[:, 0, 1] = -(alpha * dm2 - dgamma) * t / beta
+    jacobian[:, 1, 0] = dres2 + dgamma / beta
+    jacobian[:, 1, 1] = res2 + RIDGE - (beta * dres2 + dgamma) * t / beta
+    e_alpha = max(d, len(s2)) / (2 * alpha) - r.sum(1) / (2 * beta) - m2 / 2
+    e_beta = (n - gamma) / (2 * beta) - res2 / 2
+    a, b = -np.linalg.solve(np.swapaxes(jacobian, 1, 2), np.stack([e_alpha, e_beta], 1)[..., None])[..., 0].T
+
+    # per column: pp p p^T + pq (p q^T + q p^T) + X~^T (R-shaped terms) X~, then the class average
+    pp, pq, rq = alpha / 2 - a * alpha, a * alpha * t - b * beta * t**2, (b - a) * t
+    gradient = (p * pp) @ p.T + (p * pq) @ q.T + (q * pq) @ p.T
+    gradient += (XU * (rq[:, None] * r**2 - r / 2).sum(0)) @ XU.T
+    gradient += (rq / t**2 - 1 / (2 * t)).sum() * (Xt.T @ Xt - XU @ XU.T)
+    return gradient / len(t)
 
 
 @dataclass
 class Basis:
-    """The trained part of the prefilter: the mean normalised map and the principal directions around it."""
+    """The trained part of the prefilter: the mean log map and the principal directions around it."""
 
-    mean: np.ndarray  # (T,) float32, packed M0
+    mean: np.ndarray  # (T,) float32, packed L0
     components: np.ndarray  # (r, T) float32, orthonormal rows (one zero row when the pool has no spread)
     trained_on: int  # sources in the training sample
 
     @classmethod
     def fit(cls, packed, rank):
-        """PCA of packed moments (n, T) through their n x n Gram matrix (n <= train_max, T ~ d^2 / 2)."""
+        """PCA of packed log moments (n, T) through their n x n Gram matrix (n <= train_max, T ~ d^2 / 2)."""
         mean = packed.mean(0, dtype=np.float64)
         centred = packed - mean.astype(np.float32)
         values, vectors = np.linalg.eigh((centred @ centred.T).astype(np.float64))
@@ -130,15 +176,21 @@ class Basis:
     def coordinates(self, packed):
         return ((packed - self.mean) @ self.components.T).astype(np.float32)
 
+    @cached_property
+    def centre(self):
+        """Eigenvalues and eigenvectors of L0, the mean log map: the query's expansion point exp(L0)."""
+        size = round(np.sqrt(2 * len(self.mean) + 0.25) - 0.5)
+        return np.linalg.eigh(_unpack(self.mean.astype(np.float64), size))
+
     def query(self, X, Y):
-        """The target's query vector: the evidence gradient at the mean map, on the principal directions.
-        Single-threaded BLAS: on these sizes threads gain little and, on a loaded machine, collapse."""
+        """The target's query vector: the evidence gradient in L at the mean log map, on the principal
+        directions. Single-threaded BLAS: on these sizes threads gain little and, on a loaded machine, collapse."""
         from threadpoolctl import threadpool_limits
 
-        size = X.shape[1] + 1
+        values, vectors = self.centre
         with threadpool_limits(1, "blas"):
-            gradient = evidence_gradient(np.asarray(X, np.float64), Y, _unpack(self.mean.astype(np.float64), size))
-            return (self.components @ _pack(gradient).astype(np.float32)).astype(np.float32)
+            gradient = evidence_gradient(np.asarray(X, np.float64), Y, np.exp(values), vectors)
+            return (self.components @ _pack(exp_chain(gradient, values, vectors)).astype(np.float32)).astype(np.float32)
 
 
 class Prefilter:
@@ -188,7 +240,7 @@ class Prefilter:
         concurrent savers or a kill mid-write never leave a torn or mislabelled prefilter."""
         import faiss
 
-        arrays = {"generation": self.generation, "ids": self.ids, "vectors": self.vectors}
+        arrays = {"kind": KIND, "generation": self.generation, "ids": self.ids, "vectors": self.vectors}
         if self.index is not None:
             arrays["index"] = faiss.serialize_index(self.index)
         if self.basis is not None:
@@ -210,6 +262,8 @@ class Prefilter:
 
         try:
             with np.load(Path(folder) / INDEX_FILE, allow_pickle=False) as saved:
+                if str(saved["kind"]) != KIND:
+                    return None
                 basis = None
                 if "mean" in saved:
                     basis = Basis(saved["mean"], saved["components"], int(saved["trained_on"]))
@@ -244,13 +298,13 @@ class Prefilter:
 
 
 def _moments(store, txn, names):
-    """Packed normalised moments of the named sources' ESMs, MOMENT_BATCH at a time (a generator, so that
+    """Packed log moments of the named sources' ESMs, MOMENT_BATCH at a time (a generator, so that
     projecting a large pool never holds more than one batch of d^2 / 2-wide moments)."""
     from .esm import ESM
 
     for start in range(0, len(names), MOMENT_BATCH):
         esms = [ESM.from_arrays(r.arrays) for r in store.records(names[start : start + MOMENT_BATCH], txn)]
-        yield moments(np.stack([e.weight for e in esms]), np.stack([e.bias for e in esms]))
+        yield log_moments(np.stack([e.weight for e in esms]), np.stack([e.bias for e in esms]))
 
 
 def faiss_index(vectors, ids, config):

@@ -1,4 +1,4 @@
-"""The prefilter: moments from W alone, the linearised evidence and its basis, FAISS index types, the scale pool."""
+"""The prefilter: log moments from W alone, the linearised evidence and its basis, FAISS index types, the scale pool."""
 
 import importlib.util
 from pathlib import Path
@@ -10,8 +10,8 @@ from esm_index import ESMIndex, ESMIndexError
 from esm_index.esm import ESM
 from esm_index.evaluate import rank_correlation, recall_at_k
 from esm_index.logme import TargetStats, _fixed_point, encode_labels, logme_from_stats, logme_score
-from esm_index.prefilter import (INDEX_FILE, Basis, Prefilter, PrefilterConfig, _pack, _unpack, evidence_gradient,
-                                 faiss_index, moments)
+from esm_index.prefilter import (INDEX_FILE, LOG_FLOOR, Basis, Prefilter, PrefilterConfig, _pack, _unpack,
+                                 evidence_gradient, exp_chain, faiss_index, log_moments)
 
 DIM = 24
 
@@ -39,65 +39,81 @@ def target(n=120, dim=DIM, classes=3, seed=1):
 
 
 def exact_and_linearised(W, b, X, labels):
-    """Exact ESM-LogME of each map, and its evidence linearised at the pool's mean map at full size."""
+    """Exact ESM-LogME of each map, and its evidence linearised in log M at the pool's mean at full size."""
     exact = logme_from_stats(W, b, TargetStats.from_embeddings(X, labels))
-    packed = moments(W, b)
-    M0 = _unpack(packed.mean(0, dtype=np.float64), DIM + 1)
-    return exact, packed @ _pack(evidence_gradient(X, encode_labels(labels, False), M0))
+    packed = log_moments(W, b)
+    values, vectors = np.linalg.eigh(_unpack(packed.mean(0, dtype=np.float64), DIM + 1))
+    gradient = evidence_gradient(X, encode_labels(labels, False), np.exp(values), vectors)
+    return exact, packed @ _pack(exp_chain(gradient, values, vectors))
 
 
-def test_moments_are_scale_free_and_inner_products_are_traces():
+def test_log_moments_are_scale_free_and_unpack_to_the_log_of_the_normalised_map():
     W, b = structured_maps(2)
-    packed = moments(W, b)
+    packed = log_moments(W, b)
     assert packed.shape == (2, (DIM + 1) * (DIM + 2) // 2) and packed.dtype == np.float32
-    np.testing.assert_allclose(moments(3 * W, 3 * b), packed, rtol=1e-5, atol=1e-7)
-    Wt = np.concatenate([W, b[:, :, None]], axis=2).astype(np.float64)
-    M = np.swapaxes(Wt, 1, 2) @ Wt
-    assert packed[0] @ packed[1] == pytest.approx(np.sum(M[0] * M[1]) / np.linalg.norm(M[0]) / np.linalg.norm(M[1]),
-                                                  rel=1e-5)
-    np.testing.assert_allclose(_unpack(_pack(M[0]), DIM + 1), M[0])
+    np.testing.assert_allclose(log_moments(3 * W, 3 * b), packed, rtol=1e-5, atol=1e-5)
+    Wt = np.concatenate([W[0], b[0, :, None]], axis=1).astype(np.float64)
+    M = Wt.T @ Wt
+    values, vectors = np.linalg.eigh(_unpack(packed[0].astype(np.float64), DIM + 1))
+    np.testing.assert_allclose((vectors * np.exp(values)) @ vectors.T, M / np.linalg.norm(M) + LOG_FLOOR * np.eye(DIM + 1),
+                               atol=1e-6)
+    A, B = (_unpack(p.astype(np.float64), DIM + 1) for p in packed)
+    assert packed[0] @ packed[1] == pytest.approx(np.sum(A * B), rel=1e-5)  # packing keeps inner products
 
 
-def test_evidence_gradient_is_the_derivative_of_logme():
+def features(Xt, M):
+    values, vectors = np.linalg.eigh(M)
+    return Xt @ (vectors * np.sqrt(np.clip(values, 0, None)))
+
+
+@pytest.mark.parametrize("n", [120, 15])  # n > d, and n < d where alpha's motion adds to the gradient
+def test_evidence_gradient_is_the_derivative_of_converged_logme(n, monkeypatch):
+    import esm_index.logme as logme
+
+    X, labels = target(n=n)
+    Y = encode_labels(labels, False)
+    Xt = np.hstack([X, np.ones((n, 1))])
+    rng = np.random.default_rng(2)
+    root = np.eye(DIM, DIM + 1) + 0.2 * rng.standard_normal((DIM, DIM + 1))  # an ESM's W~: M = W~^T W~, rank d
+    direction = rng.standard_normal((DIM, DIM + 1))
+    values, vectors = np.linalg.eigh(root.T @ root)
+    H = root.T @ direction + direction.T @ root  # dM along W~ + h direction
+    # the fixed point iterated to convergence, for the gradient and for LogME (thuml stops at a 1e-3
+    # tolerance, which moves the evidence by more than a finite difference resolves)
+    monkeypatch.setattr(logme, "MAX_ITERATIONS", 2000)
+    monkeypatch.setattr(logme, "TOLERANCE", 1e-14)
+    gradient = np.sum(evidence_gradient(X, Y, values, vectors) * H)
+    step = 1e-5
+    change = logme_score(Xt @ (root + step * direction).T, labels) - logme_score(Xt @ (root - step * direction).T, labels)
+    assert gradient == pytest.approx(n * change / (2 * step), rel=1e-4)
+
+
+def test_exp_chain_is_the_derivative_through_the_matrix_exponential():
     X, labels = target()
     Y, n = encode_labels(labels, False), len(X)
     Xt = np.hstack([X, np.ones((n, 1))])
-    rng = np.random.default_rng(2)
-    L = np.eye(DIM + 1) + 0.2 * rng.standard_normal((DIM + 1, DIM + 1))
-    M0 = L @ L.T
+    rng = np.random.default_rng(3)
+    spectrum = np.linspace(-6, 0, DIM + 1)
+    spectrum[:3] = -4.0  # a repeated eigenvalue: the divided difference's limit
+    Q, _ = np.linalg.qr(rng.standard_normal((DIM + 1, DIM + 1)))
+    L = (Q * spectrum) @ Q.T
     H = rng.standard_normal((DIM + 1, DIM + 1))
     H = (H + H.T) / 2
-    gradient = np.sum(evidence_gradient(X, Y, M0) * H)
+    values, vectors = np.linalg.eigh(L)
+    gradient = np.sum(exp_chain(evidence_gradient(X, Y, np.exp(values), vectors), values, vectors) * H)
 
-    def features(M):
-        values, vectors = np.linalg.eigh(M)
-        return Xt @ (vectors * np.sqrt(values))
+    def logme_at(L):
+        values, vectors = np.linalg.eigh(L)
+        return logme_score(features(Xt, (vectors * np.exp(values)) @ vectors.T), labels)
 
-    # alpha and beta of LogME's fixed point at M0, then the class-mean log marginal likelihood by its definition
-    U, s, _ = np.linalg.svd(features(M0), full_matrices=False)
-    x2 = ((U.T @ Y) ** 2).T
-    alpha, beta, _, _ = _fixed_point(s**2, x2, np.maximum((Y * Y).sum(0) - x2.sum(1), 0), n)
-
-    def likelihood(M):
-        total = 0.0
-        for c in range(Y.shape[1]):
-            S = Xt @ M @ Xt.T / alpha[c] + np.eye(n) / beta[c]
-            total += -np.linalg.slogdet(S)[1] / 2 - Y[:, c] @ np.linalg.solve(S, Y[:, c]) / 2
-        return total / Y.shape[1]
-
-    step = 1e-6
-    assert gradient == pytest.approx((likelihood(M0 + step * H) - likelihood(M0 - step * H)) / (2 * step), rel=1e-6)
-    # and of LogME itself (its alpha and beta move with M, but the evidence is stationary in them up to
-    # the fixed point's tolerance); logme_score is the class-mean evidence divided by n
-    step = 1e-3
-    logme = (logme_score(features(M0 + step * H), labels) - logme_score(features(M0 - step * H), labels)) / (2 * step)
-    assert gradient == pytest.approx(n * logme, rel=0.05)
+    step = 1e-4
+    assert gradient == pytest.approx(n * (logme_at(L + step * H) - logme_at(L - step * H)) / (2 * step), rel=0.05)
 
 
 def test_basis_is_exact_for_small_pools_and_search_follows_the_linearised_evidence():
     W, b = structured_maps(30)
     X, labels = target()
-    packed = moments(W, b)
+    packed = log_moments(W, b)
     basis = Basis.fit(packed, rank=64)
     assert basis.components.shape == (29, packed.shape[1])  # 30 maps span 29 directions around their mean
     np.testing.assert_allclose(basis.mean + basis.coordinates(packed) @ basis.components, packed, atol=1e-5)
@@ -210,7 +226,7 @@ def test_prefilter_settings_are_checked():
     assert PrefilterConfig.from_meta(legacy) == PrefilterConfig(rank=24)  # an earlier index's settings
 
 
-def test_pool_coordinates_equal_those_of_the_materialised_maps():
+def test_pool_mixes_real_maps_and_projects_them_in_batches():
     pool_module = load_pool_module()
     W, b = structured_maps(6)
     pool = pool_module.DerivedPool.derive([f"r{k}" for k in range(6)], W, b, 50, seed=3)
@@ -219,6 +235,6 @@ def test_pool_coordinates_equal_those_of_the_materialised_maps():
     np.testing.assert_allclose(pool.mix.sum(1), 1, rtol=1e-6)
     Wm, bm = pool.materialise(np.arange(6))
     np.testing.assert_array_equal(Wm, W)  # the real maps come first, unchanged
-    direct = moments(*pool.materialise(np.arange(50)))
+    direct = log_moments(*pool.materialise(np.arange(50)))
     basis = Basis.fit(direct[::2], rank=8)
-    np.testing.assert_allclose(pool.coordinates(basis, batch=16), basis.coordinates(direct), atol=1e-5)
+    np.testing.assert_allclose(pool.coordinates(basis, batch=16, threads=2), basis.coordinates(direct), atol=1e-5)

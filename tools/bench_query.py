@@ -3,9 +3,9 @@
 Pools are derived from the real ESMs of an index by tools/pool.py (Dirichlet mixtures of real maps; see
 its docstring). For each pool size N, in a fresh process (so peak memory is that size's own):
   build      the prefilter the index would build: its basis trained on a seeded sample of train_max
-             sources' moments, every source's coordinates (by bilinearity, equal to those of the
-             materialised maps), the FAISS index over them (exhaustive <= exact_max, IVF beyond), saved
-             with Prefilter.save.
+             sources' log moments, every source's coordinates, the FAISS index over them (exhaustive
+             <= exact_max, IVF beyond), saved with Prefilter.save under --cache and reused by later runs
+             with their build times (the coordinates of 10^5 maps take ~35 CPU-minutes).
   per target, from precomputed base embeddings of its texts, --repeats times (p50 and p90 reported):
     statistics  TargetStats (A, B) of the target
     prefilter   the target's query vector (the evidence gradient on the basis) and the FAISS search
@@ -46,7 +46,7 @@ from esm_index.data import TARGET_MAX_EXAMPLES, read_task  # noqa: E402
 from esm_index.embed import DEFAULT_BASE_MODEL, Encoder  # noqa: E402
 from esm_index.evaluate import recall_at_k  # noqa: E402
 from esm_index.logme import TargetStats, encode_labels, logme_from_stats  # noqa: E402
-from esm_index.prefilter import Basis, Prefilter, PrefilterConfig, faiss_index, moments  # noqa: E402
+from esm_index.prefilter import Basis, Prefilter, PrefilterConfig, faiss_index, log_moments  # noqa: E402
 from esm_index.query import DEFAULT_CANDIDATES  # noqa: E402
 
 RECALL_K = (5, 10)
@@ -111,24 +111,29 @@ def run_size(args, size):
     work = args.cache / f"pool-{size}-{hashlib.sha1(json.dumps([names, size, args.seed]).encode()).hexdigest()[:12]}"
     work.mkdir(parents=True, exist_ok=True)
 
-    started = time.perf_counter()
-    sample = np.arange(size)
-    if size > config.train_max:  # as Prefilter.build samples (there by source id, here by position)
-        sample = np.sort(np.random.default_rng(config.seed).choice(size, config.train_max, replace=False))
-    basis = Basis.fit(np.concatenate([moments(*pool.materialise(sample[s : s + 64]))
-                                      for s in range(0, len(sample), 64)]), config.rank)
-    out["basis_seconds"] = time.perf_counter() - started
-    started = time.perf_counter()
-    ids = np.arange(size, dtype=np.int64)
-    vectors = pool.coordinates(basis)
-    out["coordinates_seconds"] = time.perf_counter() - started
-    started = time.perf_counter()
-    prefilter = Prefilter(basis, ids, vectors, faiss_index(vectors, ids, config), 0)
-    out["faiss_build_seconds"] = time.perf_counter() - started
+    prefilter, built = Prefilter.load(work), work / "build.json"
+    if prefilter is not None and len(prefilter.ids) == size and built.exists():
+        out.update(json.loads(built.read_text()))  # the saved build of an earlier run, and what it took
+    else:
+        started = time.perf_counter()
+        sample = np.arange(size)
+        if size > config.train_max:  # as Prefilter.build samples (there by source id, here by position)
+            sample = np.sort(np.random.default_rng(config.seed).choice(size, config.train_max, replace=False))
+        basis = Basis.fit(np.concatenate([log_moments(*pool.materialise(sample[s : s + 64]))
+                                          for s in range(0, len(sample), 64)]), config.rank)
+        out["basis_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        ids = np.arange(size, dtype=np.int64)
+        vectors = pool.coordinates(basis, threads=args.threads)
+        out["coordinates_seconds"] = time.perf_counter() - started
+        started = time.perf_counter()
+        prefilter = Prefilter(basis, ids, vectors, faiss_index(vectors, ids, config), 0)
+        out["faiss_build_seconds"] = time.perf_counter() - started
+        prefilter.save(work)
+        built.write_text(json.dumps({k: out[k] for k in ("basis_seconds", "coordinates_seconds", "faiss_build_seconds")}))
+        del vectors
     out["faiss_type"] = type(prefilter.index).__name__
-    prefilter.save(work)
     out["prefilter_file_bytes"] = (work / "prefilter.npz").stat().st_size
-    del vectors
 
     data = targets(args.tasks, args.cache / "targets", args.base_model)
     names_t = list(data)[: args.targets]

@@ -12,9 +12,9 @@ first entries of every pool.
 
 Storage: parents and weights only (N x parents int32 + float32: 24 bytes per ESM at 3 parents, against
 590 KB for one 384-d fp32 map), so pools of 10^6 fit in memory; `materialise` rebuilds any ESMs
-exactly. Prefilter coordinates use bilinearity: W~^T W~ = sum_jk lam_j lam_k W~_j^T W~_k, so with the
-real maps' cross moments computed once and projected on the basis, a pool's coordinates cost O(p^2 r)
-each instead of O(d^3), and equal those of the materialised maps (tested).
+exactly. Prefilter coordinates are those of the materialised maps (`coordinates`: one d x d moment and
+its eigendecomposition per ESM, about 20 ms at d = 384, in threads), so large pools take a while: 10^5
+ESMs ~35 CPU-minutes.
 
     python tools/pool.py REAL OUT.npz --size 100000 [--parents 3] [--concentration 0.5] [--seed 0]
     python tools/pool.py REAL OUT.npz --size 1000 --index data/pools/index-1k   # also a real LMDB index
@@ -24,7 +24,6 @@ REAL is an index folder or a folder of hf-dataset-selector ESM folders.
 
 import argparse
 import sys
-from functools import cached_property
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,7 +34,7 @@ import numpy as np
 from esm_index.embed import DEFAULT_BASE_MODEL
 from esm_index.esm import ESM
 from esm_index.index import ESMIndex
-from esm_index.prefilter import _pack
+from esm_index.prefilter import log_moments
 
 
 def load_real(path):
@@ -101,35 +100,19 @@ class DerivedPool:
         b = np.einsum("kp,kpi->ki", mix, self.biases[parents], dtype=np.float32)
         return W, b
 
-    @cached_property
-    def cross_moments(self):
-        """(m, m, T) float32: packed symmetric parts of W~_j^T W~_k for every pair of real ESMs."""
-        Wt = np.concatenate([self.weights, self.biases[:, :, None]], axis=2).astype(np.float64)
-        m = len(Wt)
-        out = np.empty((m, m, Wt.shape[2] * (Wt.shape[2] + 1) // 2), np.float32)
-        for j in range(m):
-            cross = np.swapaxes(Wt[j], 0, 1)[None] @ Wt  # (m, d+1, d+1)
-            out[j] = _pack((cross + np.swapaxes(cross, 1, 2)) / 2)
-        return out
+    def coordinates(self, basis, batch=64, threads=1):
+        """Every ESM's prefilter coordinates on `basis` (prefilter.Basis), `batch` ESMs materialised at a
+        time in each of `threads` threads (numpy's LAPACK calls release the GIL; BLAS runs one thread each)."""
+        from concurrent.futures import ThreadPoolExecutor
 
-    def coordinates(self, basis, batch=65536):
-        """Every ESM's prefilter coordinates on `basis` (prefilter.Basis), by bilinearity: the cross moments
-        are projected once, and each map's norm comes from their m^2 x m^2 Gram matrix."""
-        m = len(self.names)
-        flat = self.cross_moments.reshape(m * m, -1)
-        gram = (flat.astype(np.float64) @ flat.T.astype(np.float64)).reshape(m, m, m, m)
-        projected = (flat @ basis.components.T).astype(np.float64).reshape(m, m, -1)
-        offset = basis.mean @ basis.components.T
-        out = []
-        for start in range(0, len(self), batch):
-            mix, P = self.mix[start : start + batch].astype(np.float64), self.parents[start : start + batch]
-            w = mix[:, :, None] * mix[:, None, :]  # pair weights lam_a lam_b
-            quad = gram[P[:, :, None, None, None], P[:, None, :, None, None], P[:, None, None, :, None],
-                        P[:, None, None, None, :]]
-            norm = np.sqrt(np.einsum("kab,kcd,kabcd->k", w, w, quad))
-            coords = np.einsum("kab,kabr->kr", w, projected[P[:, :, None], P[:, None, :]]) / norm[:, None]
-            out.append((coords - offset).astype(np.float32))
-        return np.concatenate(out)
+        from threadpoolctl import threadpool_limits
+
+        def project(start):
+            ids = np.arange(start, min(start + batch, len(self)))
+            return basis.coordinates(log_moments(*self.materialise(ids)))
+
+        with threadpool_limits(1, "blas"), ThreadPoolExecutor(threads) as pool:
+            return np.concatenate(list(pool.map(project, range(0, len(self), batch))))
 
     def save(self, path):
         np.savez(path, names=np.asarray(self.names), parents=self.parents, mix=self.mix)

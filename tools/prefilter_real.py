@@ -1,7 +1,7 @@
 """How well the prefilter's linearised evidence ranks the real ESMs of an index, with no derived maps.
 
-For every target task, the full-size linearised evidence (the prefilter's score before its PCA, which is
-exact for pools of at most 65 sources anyway) against the exact ESM-LogME scan of the index's maps:
+For every target task, the full-size linearised evidence in log M (the prefilter's score before its PCA,
+which is exact for pools of at most 65 sources anyway) against the exact ESM-LogME scan of the index's maps:
 Spearman on the whole target sample (up to 1,000 examples), and recall@5 within the top K on seeded
 samples of --examples target examples (the ground truth's size).
 
@@ -23,12 +23,14 @@ from pool import load_real  # noqa: E402
 from esm_index.embed import DEFAULT_BASE_MODEL  # noqa: E402
 from esm_index.evaluate import rank_correlation, recall_at_k  # noqa: E402
 from esm_index.logme import TargetStats, encode_labels, logme_from_stats  # noqa: E402
-from esm_index.prefilter import _pack, _unpack, evidence_gradient, moments  # noqa: E402
+from esm_index.prefilter import _pack, _unpack, evidence_gradient, exp_chain, log_moments  # noqa: E402
 
 
-def scores(W, b, packed, M0, X, labels):
+def scores(W, b, packed, centre, X, labels):
     exact = logme_from_stats(W, b, TargetStats.from_embeddings(X, labels))
-    return exact, packed @ _pack(evidence_gradient(X, encode_labels(labels, False), M0))
+    values, vectors = centre
+    gradient = evidence_gradient(X, encode_labels(labels, False), np.exp(values), vectors)
+    return exact, packed @ _pack(exp_chain(gradient, values, vectors))
 
 
 def main():
@@ -42,8 +44,8 @@ def main():
     args = parser.parse_args()
 
     _, W, b, base_model = load_real(args.real)
-    packed = moments(W, b)
-    M0 = _unpack(packed.mean(0, dtype=np.float64), W.shape[1] + 1)
+    packed = log_moments(W, b)
+    centre = np.linalg.eigh(_unpack(packed.mean(0, dtype=np.float64), W.shape[1] + 1))
     rng = np.random.default_rng(0)
     recall = {K: [] for K in args.k}
     print(f"{len(W)} real ESMs; chance recall@5 in the top K = K / {len(W)}")
@@ -52,13 +54,13 @@ def main():
     print("|---|---|" + "---|" * len(args.k))
     with threadpool_limits(1, "blas"):
         for name, (X, labels) in targets(args.tasks, args.cache / "targets", base_model or DEFAULT_BASE_MODEL).items():
-            rho = rank_correlation(*scores(W, b, packed, M0, X, labels))["spearman"]
+            rho = rank_correlation(*scores(W, b, packed, centre, X, labels))["spearman"]
             mine = {K: [] for K in args.k}
             for _ in range(args.samples):
                 pick = rng.choice(len(X), min(args.examples, len(X)), replace=False)
                 if len(np.unique(labels[pick])) < 2:
                     continue
-                exact, linearised = scores(W, b, packed, M0, X[pick], labels[pick])
+                exact, linearised = scores(W, b, packed, centre, X[pick], labels[pick])
                 for K in args.k:
                     mine[K].append(recall_at_k(exact, np.argsort(-linearised)[:K], 5))
             for K in args.k:
