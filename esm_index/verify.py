@@ -144,7 +144,8 @@ def _check_prefilter(store, report, stale):
     saved = Prefilter.load(store.path)
     if saved is None:
         exists = (store.path / INDEX_FILE).exists()
-        report.notes.append(f"the saved prefilter is {'unreadable' if exists else 'missing'}; the next query builds it")
+        state = "unreadable or of an earlier kind" if exists else "missing"
+        report.notes.append(f"the saved prefilter is {state}; the next query builds it")
         stale.add("prefilter")
         return
     if saved.generation < report.generation:

@@ -214,6 +214,9 @@ def test_prefilter_file_round_trips_and_a_foreign_file_means_rebuild(tmp_path):
         assert loaded.search(X, Y, 4) == built.search(X, Y, 4)
         (index.path / INDEX_FILE).write_bytes(b"not a prefilter")
         assert Prefilter.load(index.path) is None
+        np.savez(index.path / INDEX_FILE, generation=built.generation, ids=built.ids, vectors=built.vectors)
+        assert Prefilter.load(index.path) is None  # an earlier kind of coordinates (no "kind"): rebuilt
+        assert index.prefilter().search(X, Y, 4) == built.search(X, Y, 4)
     with ESMIndex.create(tmp_path / "empty", base_model="base", dim=DIM) as empty:
         assert empty.prefilter().search(X, Y, 3) == []
 

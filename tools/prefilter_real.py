@@ -1,14 +1,20 @@
-"""How well the prefilter's linearised evidence ranks the real ESMs of an index, with no derived maps.
+"""How well the prefilter's linearised evidence ranks real ESMs (or a pool derived from them), at full size.
 
-For every target task, the full-size linearised evidence in log M (the prefilter's score before its PCA,
-which is exact for pools of at most 65 sources anyway) against the exact ESM-LogME scan of the index's maps:
-Spearman on the whole target sample (up to 1,000 examples), and recall@5 within the top K on seeded
-samples of --examples target examples (the ground truth's size).
+For every target task: the exact ESM-LogME scan against the evidence linearised at the pool's mean, in two
+coordinates: log M (what the index uses) and M itself (the earlier prefilter), both before the PCA (which
+is exact for pools of at most 65 sources anyway). Reports Spearman and recall@5 within the top K.
 
-    python tools/prefilter_real.py indexes/default --tasks data/tasks [--examples 100] [--samples 2]
+    python tools/prefilter_real.py indexes/default [--examples 100] [--samples 2]   # the real maps alone
+    python tools/prefilter_real.py indexes/default --pool 1000 --k 20 50 100 200   # a derived pool
+
+With the real maps alone, recall is also measured on seeded samples of --examples target examples (the
+ground truth's size). With --pool, the pool is tools/pool.py's (seed 0, as tools/bench_query.py derives it)
+and its exact scans are cached where bench_query.py caches them, so either tool reuses the other's.
 """
 
 import argparse
+import hashlib
+import json
 import sys
 from pathlib import Path
 
@@ -17,8 +23,8 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_query import targets  # noqa: E402
-from pool import load_real  # noqa: E402
+from bench_query import exact_scan, targets  # noqa: E402
+from pool import DerivedPool, load_real  # noqa: E402
 
 from esm_index.embed import DEFAULT_BASE_MODEL  # noqa: E402
 from esm_index.evaluate import rank_correlation, recall_at_k  # noqa: E402
@@ -26,11 +32,29 @@ from esm_index.logme import TargetStats, encode_labels, logme_from_stats  # noqa
 from esm_index.prefilter import _pack, _unpack, evidence_gradient, exp_chain, log_moments  # noqa: E402
 
 
-def scores(W, b, packed, centre, X, labels):
-    exact = logme_from_stats(W, b, TargetStats.from_embeddings(X, labels))
-    values, vectors = centre
-    gradient = evidence_gradient(X, encode_labels(labels, False), np.exp(values), vectors)
-    return exact, packed @ _pack(exp_chain(gradient, values, vectors))
+def plain_moments(W, b):
+    """Packed M / |M|_F: the earlier prefilter's coordinates."""
+    Wt = np.concatenate([W.astype(np.float64), b.astype(np.float64)[..., None]], axis=-1)
+    M = np.swapaxes(Wt, -1, -2) @ Wt
+    return _pack(M / np.linalg.norm(M, axis=(-2, -1), keepdims=True)).astype(np.float32)
+
+
+class Linearised:
+    """Both linearisations for one pool: its packed coordinates and their centres."""
+
+    def __init__(self, W, b, batch=64):
+        chunks = [(log_moments(W[s : s + batch], b[s : s + batch]), plain_moments(W[s : s + batch], b[s : s + batch]))
+                  for s in range(0, len(W), batch)]
+        self.log, self.plain = (np.concatenate(c) for c in zip(*chunks))
+        size = W.shape[1] + 1
+        self.centre = np.linalg.eigh(_unpack(self.log.mean(0, dtype=np.float64), size))
+        self.M0 = np.linalg.eigh(_unpack(self.plain.mean(0, dtype=np.float64), size))
+
+    def scores(self, X, labels):
+        Y = encode_labels(labels, False)
+        values, vectors = self.centre
+        log = self.log @ _pack(exp_chain(evidence_gradient(X, Y, np.exp(values), vectors), values, vectors))
+        return {"log M": log, "M": self.plain @ _pack(evidence_gradient(X, Y, *self.M0))}
 
 
 def main():
@@ -38,35 +62,54 @@ def main():
     parser.add_argument("real", type=Path, help="index folder or folder of ESM folders")
     parser.add_argument("--tasks", type=Path, default=Path("data/tasks"))
     parser.add_argument("--cache", type=Path, default=Path("data/bench"))
-    parser.add_argument("--examples", type=int, default=100)
-    parser.add_argument("--samples", type=int, default=2, help="seeded target samples per task")
+    parser.add_argument("--pool", type=int, help="derive a pool of this many ESMs from the real ones")
+    parser.add_argument("--examples", type=int, default=100, help="target sample size (real maps alone)")
+    parser.add_argument("--samples", type=int, default=2, help="seeded target samples per task (real maps alone)")
     parser.add_argument("--k", type=int, nargs="+", default=[5, 10])
     args = parser.parse_args()
 
-    _, W, b, base_model = load_real(args.real)
-    packed = log_moments(W, b)
-    centre = np.linalg.eigh(_unpack(packed.mean(0, dtype=np.float64), W.shape[1] + 1))
+    names, W, b, base_model = load_real(args.real)
+    pool = None
+    if args.pool:
+        pool = DerivedPool.derive(names, W, b, args.pool, seed=0)
+        W, b = pool.materialise(np.arange(args.pool))
+        key = hashlib.sha1(json.dumps([names, args.pool, 0]).encode()).hexdigest()[:12]
+        work = args.cache / f"pool-{args.pool}-{key}"
+        work.mkdir(parents=True, exist_ok=True)
+    with threadpool_limits(1, "blas"):
+        linearised = Linearised(W, b)
+    kinds = ("log M", "M")
+    print(f"{len(W)} ESMs ({len(names)} real); chance recall@5 in the top K = K / {len(W)}")
+    columns = [f"{kind}: Spearman" for kind in kinds] + [f"{kind}: recall@5, top {K}" for kind in kinds for K in args.k]
+    if pool is None:
+        columns += [f"{kind}: recall@5, top {K}, {args.examples} examples" for kind in kinds for K in args.k]
+    print("| target | " + " | ".join(columns) + " |")
+    print("|---|" + "---|" * len(columns))
     rng = np.random.default_rng(0)
-    recall = {K: [] for K in args.k}
-    print(f"{len(W)} real ESMs; chance recall@5 in the top K = K / {len(W)}")
-    print("| target | Spearman (whole sample) | " + " | ".join(f"recall@5, top {K}, {args.examples} examples"
-                                                           for K in args.k) + " |")
-    print("|---|---|" + "---|" * len(args.k))
+    table = []
     with threadpool_limits(1, "blas"):
         for name, (X, labels) in targets(args.tasks, args.cache / "targets", base_model or DEFAULT_BASE_MODEL).items():
-            rho = rank_correlation(*scores(W, b, packed, centre, X, labels))["spearman"]
-            mine = {K: [] for K in args.k}
-            for _ in range(args.samples):
-                pick = rng.choice(len(X), min(args.examples, len(X)), replace=False)
-                if len(np.unique(labels[pick])) < 2:
-                    continue
-                exact, linearised = scores(W, b, packed, centre, X[pick], labels[pick])
-                for K in args.k:
-                    mine[K].append(recall_at_k(exact, np.argsort(-linearised)[:K], 5))
-            for K in args.k:
-                recall[K] += mine[K]
-            print(f"| {name} | {rho:.3f} | " + " | ".join(f"{np.mean(mine[K]):.2f}" for K in args.k) + " |")
-    print("| mean | | " + " | ".join(f"{np.mean(recall[K]):.3f}" for K in args.k) + " |")
+            if pool is None:
+                exact = logme_from_stats(W, b, TargetStats.from_embeddings(X, labels))
+            else:
+                exact, _ = exact_scan(pool, X, labels, work / f"scan-{name}.npz")
+            score = linearised.scores(X, labels)
+            row = [rank_correlation(exact, score[kind])["spearman"] for kind in kinds]
+            row += [recall_at_k(exact, np.argsort(-score[kind])[:K], 5) for kind in kinds for K in args.k]
+            if pool is None:
+                sampled = {(kind, K): [] for kind in kinds for K in args.k}
+                for _ in range(args.samples):
+                    pick = rng.choice(len(X), min(args.examples, len(X)), replace=False)
+                    if len(np.unique(labels[pick])) < 2:
+                        continue
+                    exact = logme_from_stats(W, b, TargetStats.from_embeddings(X[pick], labels[pick]))
+                    score = linearised.scores(X[pick], labels[pick])
+                    for kind, K in sampled:
+                        sampled[kind, K].append(recall_at_k(exact, np.argsort(-score[kind])[:K], 5))
+                row += [np.mean(v) for v in sampled.values()]
+            table.append(row)
+            print(f"| {name} | " + " | ".join(f"{v:.2f}" for v in row) + " |", flush=True)
+    print("| mean | " + " | ".join(f"{v:.3f}" for v in np.mean(table, 0)) + " |")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,9 @@ on) and what is stored per source. The pool is the index's sources. Methods (hig
 Seconds are wall time per target and include embedding the target where the method needs it;
 per-source work done once at build time (ESMs, means, vocabularies) is not counted. Each line also
 records the machine's 1-minute load average, since the times mean little without it.
-Resumable: one JSON line per (target, seed); a line scored over the same pool is skipped.
+Resumable: one JSON line per (target, seed); a line scored over the same pool is skipped. After a change to
+one method (say the prefilter), `--only esm_logme_k10 esm_logme_k5` rescores just those methods in the
+existing lines and rewrites the file (atomically), keeping every other method's scores and seconds.
 """
 
 import argparse
@@ -83,8 +85,8 @@ def vocab_overlap(names, vocabularies, texts):
     return [len(target & vocabularies[n]) / len(target | vocabularies[n]) for n in names]
 
 
-def score_target(index, names, models, vocabularies, train, candidates, seed, target):
-    """Scores and seconds of every method for one target sample."""
+def score_target(index, names, models, vocabularies, train, candidates, seed, target, only=None):
+    """Scores and seconds of every method (or of those in `only`) for one target sample."""
     X, embed_seconds = timed(index.encoder.embed, train.texts)
     methods = {}
     for name, method, args, embeds in [
@@ -94,10 +96,13 @@ def score_target(index, names, models, vocabularies, train, candidates, seed, ta
         ("vocab_overlap", vocab_overlap, (names, vocabularies, train.texts), False),
         ("logme_finetuned", logme_finetuned, (index, names, models, train.texts, train.labels), False),
     ]:
+        if only and name not in only:
+            continue
         scores, seconds = timed(method, *args)
         methods[name] = {"scores": scores, "seconds": seconds + (embed_seconds if embeds else 0.0)}
-    rng = np.random.default_rng([seed, zlib.crc32(target.encode())])
-    methods["random"] = {"scores": list(rng.random(len(names))), "seconds": 0.0}
+    if not only or "random" in only:
+        rng = np.random.default_rng([seed, zlib.crc32(target.encode())])
+        methods["random"] = {"scores": list(rng.random(len(names))), "seconds": 0.0}
     for result in methods.values():
         result["scores"] = [None if not math.isfinite(s) else float(s) for s in result["scores"]]
         result["seconds"] = round(result["seconds"], 4)
@@ -116,7 +121,11 @@ def main():
                         help="target sample size; must match the ground truth's")
     parser.add_argument("--candidates", type=int, nargs="+", default=[DEFAULT_CANDIDATES, 20, 10, 5],
                         help="prefilter candidate counts to score with")
+    parser.add_argument("--only", nargs="+", metavar="METHOD",
+                        help="rescore only these methods in the existing lines of RESULTS, keeping the rest")
     args = parser.parse_args()
+    if args.only:
+        return refresh(args)
 
     settings = TargetSettings(train_examples=args.train_examples)
     targets = args.targets or manifest_names(args.tasks, "target")
@@ -143,6 +152,33 @@ def main():
                 results.flush()
                 times = ", ".join(f"{m} {r['seconds']:.2f}s" for m, r in methods.items())
                 print(f"{target} seed {seed}: {times}", file=sys.stderr, flush=True)
+
+
+def refresh(args):
+    """Rescore the methods in args.only in every line of args.results, then replace the file atomically."""
+    known = {"esm_logme", *(f"esm_logme_k{k}" for k in args.candidates), "textemb", "vocab_overlap",
+             "logme_finetuned", "random"}
+    if set(args.only) - known:
+        raise ESMIndexError(f"unknown method(s) {', '.join(sorted(set(args.only) - known))}; "
+                            f"known with these --candidates: {', '.join(sorted(known))}")
+    rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
+    settings = TargetSettings(train_examples=args.train_examples)
+    with ESMIndex.open(args.index, readonly=True) as index:
+        names = sorted(index.store.names())
+        vocabularies = source_vocabularies(args.tasks, args.models, names) if "vocab_overlap" in args.only else {}
+        index.encoder.embed(["warm-up"])
+        for row in rows:
+            if row["sources"] != names or row["train_examples"] != args.train_examples:
+                raise ESMIndexError(f"{args.results}: the line for {row['target']} seed {row['seed']} was scored "
+                                    "over another pool or sample size; rescore it whole instead")
+            train = target_train(args.tasks, row["target"], settings, row["seed"])
+            methods = score_target(index, names, args.models, vocabularies, train, args.candidates, row["seed"],
+                                   row["target"], only=set(args.only))
+            row["methods"].update(methods)
+            print(f"{row['target']} seed {row['seed']}: rescored {', '.join(methods)}", file=sys.stderr, flush=True)
+    temporary = args.results.with_suffix(".tmp")
+    temporary.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    temporary.replace(args.results)
 
 
 if __name__ == "__main__":
