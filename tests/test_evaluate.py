@@ -192,6 +192,12 @@ def test_selection_tools_end_to_end(pool, tiny_model):
     assert set(methods) == {"esm_logme", "esm_logme_k2", "logme_finetuned", "textemb", "vocab_overlap", "random"}
     assert sum(v is not None for v in methods["esm_logme_k2"]["scores"]) == 2  # the prefilter kept two
     assert all(np.isfinite(methods[m]["scores"]).all() for m in ("esm_logme", "logme_finetuned", "textemb"))
+    tool("tools/score_methods.py", tasks, models, index, scores, "--train-examples", 24, "--candidates", 3,
+         "--only", "esm_logme_k3")  # one method rescored in place, the others kept as they were
+    again = [json.loads(line) for line in scores.read_text().splitlines()]
+    assert [set(r["methods"]) for r in again] == [set(methods) | {"esm_logme_k3"}] * 2
+    assert all(r["methods"]["textemb"] == old["methods"]["textemb"] for r, old in zip(again, lines))
+    assert sum(v is not None for v in again[0]["methods"]["esm_logme_k3"]["scores"]) == 3
 
     output = folder / "EVALUATION.md"
     tool("tools/evaluate_selection.py", truth, scores, output)
@@ -204,4 +210,4 @@ def test_selection_tools_end_to_end(pool, tiny_model):
     assert f"| (no intermediate task) | {mean(None) * 100:.1f} ± " in text
     for heading in ("## Does the ground truth carry signal?", "## Selection quality", "## Goals", "## Ground truth"):
         assert heading in text
-    assert "| ESM-LogME, prefilter K=2 |" in text
+    assert "| ESM-LogME, prefilter K=2 |" in text and "Rescored later" in text

@@ -183,6 +183,19 @@ def pending(gt, scores):
             f"{len(gt.sources)} of them so far, and only those are evaluated (still to come: {', '.join(waiting)})."]
 
 
+def rescored(scores):
+    """A sentence naming the methods rescored after the first scoring (score_methods.py --only), if any."""
+    later = {}
+    for row in scores:
+        for method, result in row["methods"].items():
+            if "load" in result:
+                later.setdefault(method, []).append(result["load"])
+    if not later:
+        return []
+    names = ", ".join(f"{label(m)} (load {np.mean(v):.1f})" for m, v in sorted(later.items()))
+    return [f"Rescored later with `tools/score_methods.py --only`, their seconds measured then: {names}."]
+
+
 def report(gt, scores, paths):
     s = gt.settings
     per = selection(gt, scores)
@@ -258,7 +271,7 @@ def report(gt, scores, paths):
               "Mean over targets (of the mean over seeds); regret in percent of the best accuracy available "
               "(the best source, or the baseline if no source beats it), ± its standard error across targets. "
               "Seconds: wall time to score the whole pool for one target on this 2-core machine, embedding the "
-              f"target included, at a mean 1-minute load average of {fmt(load, 1)} while scoring.", ""]
+              f"target included, at a mean 1-minute load average of {fmt(load, 1)} while scoring.", *rescored(scores), ""]
     order = ["oracle", "esm_logme", *sorted((m for m in per if m.startswith("esm_logme_k")),
                                               key=lambda m: -int(m[len("esm_logme_k"):])),
              "logme_finetuned", "textemb", "vocab_overlap", "random", "random_expected"]

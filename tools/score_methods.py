@@ -174,6 +174,8 @@ def refresh(args):
             train = target_train(args.tasks, row["target"], settings, row["seed"])
             methods = score_target(index, names, args.models, vocabularies, train, args.candidates, row["seed"],
                                    row["target"], only=set(args.only))
+            for result in methods.values():
+                result["load"] = os.getloadavg()[0]  # the row's own "load" is that of its first scoring
             row["methods"].update(methods)
             print(f"{row['target']} seed {row['seed']}: rescored {', '.join(methods)}", file=sys.stderr, flush=True)
     temporary = args.results.with_suffix(".tmp")
