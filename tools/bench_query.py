@@ -100,6 +100,15 @@ def exact_scan(pool, X, labels, file, batch=256):
     return scores, seconds
 
 
+def pool_folder(cache, names, size, seed):
+    """The folder under `cache` for the pool of `size` ESMs derived from `names` with `seed` (created):
+    its saved prefilter build and exact scans, shared by every tool that derives the same pool."""
+    key = hashlib.sha1(json.dumps([names, size, seed]).encode()).hexdigest()[:12]
+    folder = cache / f"pool-{size}-{key}"
+    folder.mkdir(parents=True, exist_ok=True)
+    return folder
+
+
 def run_size(args, size):
     """Everything measured for one pool size; returns a JSON-able dict."""
     faiss.omp_set_num_threads(args.threads)
@@ -108,8 +117,7 @@ def run_size(args, size):
     pool = DerivedPool.derive(names, weights, biases, size, seed=args.seed)
     dim = weights.shape[1]
     out = {"size": size, "real": len(names), "dim": dim, "config": vars(config)}
-    work = args.cache / f"pool-{size}-{hashlib.sha1(json.dumps([names, size, args.seed]).encode()).hexdigest()[:12]}"
-    work.mkdir(parents=True, exist_ok=True)
+    work = pool_folder(args.cache, names, size, args.seed)
 
     prefilter, built = Prefilter.load(work), work / "build.json"
     if prefilter is not None and len(prefilter.ids) == size and built.exists():

@@ -14,8 +14,6 @@ and its exact scans are cached where bench_query.py caches them, so either tool 
 """
 
 import argparse
-import hashlib
-import json
 import sys
 from pathlib import Path
 
@@ -24,7 +22,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_query import exact_scan, targets  # noqa: E402
+from bench_query import exact_scan, pool_folder, targets  # noqa: E402
 from pool import DerivedPool, load_real  # noqa: E402
 
 from esm_index.embed import DEFAULT_BASE_MODEL  # noqa: E402
@@ -75,9 +73,7 @@ def main():
     if args.pool:
         pool = DerivedPool.derive(names, W, b, args.pool, seed=0)
         batches = (pool.materialise(np.arange(s, min(s + 64, args.pool))) for s in range(0, args.pool, 64))
-        key = hashlib.sha1(json.dumps([names, args.pool, 0]).encode()).hexdigest()[:12]
-        work = args.cache / f"pool-{args.pool}-{key}"
-        work.mkdir(parents=True, exist_ok=True)
+        work = pool_folder(args.cache, names, args.pool, seed=0)
     with threadpool_limits(1, "blas"):
         linearised = Linearised(batches)
     kinds = ("log M", "M")
