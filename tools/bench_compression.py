@@ -1,73 +1,50 @@
 """Which compact ESM storage forms keep the ranking? Ranking fidelity on a pool of real ESMs.
 
-The pool: one ESM per fine-tuned source model in data/models (tools/finetune_sources.py), fitted here
-(exact ridge, GCV) from base and fine-tuned MiniLM embeddings of up to --max-texts of that source's train
-texts, plus base MiniLM -> sre-embedding-model on WordNet glosses (tools/esm_fidelity.py's cache, if there).
-For every target in data/tasks (role "target"), every ESM is scored with ESM-LogME as stored in each form
-and compared with float32: Spearman's rho of the scores and whether the top-5 is the same (as a set, and
-in order). A form is accepted when every target keeps rho >= 0.99 and the same top-5 set.
+The pool: the real ESMs of an index (indexes/default: 20 MiniLM ESMs, d = 384) or of a folder of ESM folders.
+The targets: the target tasks of data/tasks, 600 base embeddings each (cached where tools/bench_query.py
+caches them). Every target scores every ESM with ESM-LogME as each form stores it, against float32:
+Spearman's rho, whether the top-5 is the same (as a set, and in order), the largest score change. A form
+is accepted when every target keeps rho >= 0.99 and the same top-5 set.
 
-Forms: the index's STORAGE_FORMS, and the candidates measured and rejected, kept here only to show
-why: W and b in float16; the triangular factor R of [W, b] as int8 steps with a float32 scale per row;
-W ~ D + U V^T (diagonal plus rank r by alternating least squares, U and V in float16). Bytes per source
-are those of the ESM's arrays in a record (the prefilter's vectors and the statistics come on top, in
-every form), at the pool's d and at d = 768, against the reference's 2,362,368 bytes.
+Forms: the index's STORAGE_FORMS, and candidates measured and rejected, kept here to show why:
+- float16: W and b rounded to float16;
+- triangular int8: R of [W, b] = Q R as int8 steps of one float32 scale per row;
+- pivoted triangular int8 + lzma: the same with column pivoting (so each row's largest entry is its
+  diagonal and small singular values sit in small trailing rows), the codes lzma-compressed;
+- log residual, step s: log M (M = W~^T W~ / |M|_F) minus an index-wide reference log map, in the
+  reference's eigenbasis, rounded to steps of s (int8, escapes for the few larger entries; the diagonal in
+  float32) and lzma-compressed; the reference is the mean log map of the other sources, as for a source
+  added to an index whose reference is fixed (its one (d+1)^2 matrix per index is not counted);
+- diagonal + rank r: W ~ D + U V^T by alternating least squares, U and V in float16.
+Bytes per source are measured on the pool's maps (the compressed forms depend on the map), and given as a
+share of float32 at the same d. Every form but the low-rank one keeps a fixed share of the d (d + 1)
+entries plus O(d) bytes, so its share is the one at d = 768, where float32 is hf-dataset-selector's
+2,362,368 bytes (the low-rank form's share halves there).
 
-    python tools/bench_compression.py [--max-texts 500] [--ranks 16 64 128] [--threads 2]
-
-Embeddings are cached under data/cache/embeddings/, so a rerun (e.g. once more models exist) only embeds
-what is new.
+    python tools/bench_compression.py indexes/default [--steps 0.005 0.01] [--ranks 16 64 128] [--threads 2]
 """
 
 import argparse
-import json
+import lzma
 import sys
-import time
 from pathlib import Path
 
 import faiss  # noqa: F401  (faiss before torch: both bring OpenMP)
 import numpy as np
-from esm_fidelity import CACHE, cached_embeddings
+import scipy.linalg
 from scipy.stats import spearmanr
 from threadpoolctl import threadpool_limits
 
-from esm_index.data import read_task
-from esm_index.embed import DEFAULT_BASE_MODEL, set_threads
-from esm_index.esm import ESM, STORAGE_FORMS
-from esm_index.logme import TargetStats, logme_from_stats
+sys.path.insert(0, str(Path(__file__).parent))
+from bench_query import targets  # noqa: E402
+from pool import load_real  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+from esm_index.embed import set_threads  # noqa: E402
+from esm_index.esm import ESM, STORAGE_FORMS  # noqa: E402
+from esm_index.logme import TargetStats, logme_from_stats  # noqa: E402
+
 TOP = 5
-REFERENCE_BYTES = 768 * 769 * 4  # hf-dataset-selector's float32 ESM at d = 768
-
-
-def pool_esms(tasks, models, max_texts, seed):
-    """name -> ESM fitted from base to fine-tuned embeddings of the source's train texts."""
-    esms = {}
-    for folder in sorted(p for p in models.iterdir() if (p / "done.json").is_file()):
-        texts = read_task(tasks / folder.name / "train.csv", max_examples=max_texts, seed=seed).texts
-        started = time.perf_counter()
-        X = cached_embeddings(DEFAULT_BASE_MODEL, texts, "base-minilm")
-        Y = cached_embeddings(folder, texts, f"model-{folder.name}")
-        esms[folder.name] = ESM.fit(X, Y)
-        fit = esms[folder.name].config["fit"]
-        print(f"  {folder.name}: {len(texts)} texts, held-out R^2 {fit['heldout_r2']:.3f}, "
-              f"{time.perf_counter() - started:.0f}s", file=sys.stderr, flush=True)
-    glosses = [sorted(CACHE.glob(f"{model}-2400-*.npy")) for model in ("base-minilm", "sre-embedding-model")]
-    if all(glosses):
-        esms["sre-embedding-model"] = ESM.fit(np.load(glosses[0][0]), np.load(glosses[1][0]))
-    return esms
-
-
-def target_stats(tasks, max_texts, seed):
-    """name -> sufficient statistics of a target's base embeddings and labels."""
-    manifest = json.loads((tasks / "manifest.json").read_text())
-    stats = {}
-    for name in [t["name"] for t in manifest["tasks"] if t["role"] == "target"]:
-        task = read_task(tasks / name / "train.csv", max_examples=max_texts, seed=seed)
-        X = cached_embeddings(DEFAULT_BASE_MODEL, task.texts, "base-minilm")
-        stats[name] = TargetStats.from_embeddings(X, task.labels)
-    return stats
+FLOOR = 1e-13  # added to M / |M|_F before its log: M has rank d of d + 1
 
 
 def scores(esms, stats):
@@ -75,85 +52,146 @@ def scores(esms, stats):
     return logme_from_stats([e.weight for e in esms], [e.bias for e in esms], stats)
 
 
-def stored_form(form):
-    """(decode(encode(esm)), bytes of the encoding at dimension d) for a storage form of the index."""
-    return (lambda esm: ESM.from_arrays(esm.to_arrays(form)),
-            lambda d: sum(a.nbytes for a in ESM(np.eye(d), np.zeros(d)).to_arrays(form).values()))
+def augmented(esm):
+    """W~ = [W, b] in float64."""
+    return np.hstack([esm.weight, esm.bias[:, None]]).astype(np.float64)
 
 
-def half_precision():
-    """The rejected candidate: W and b rounded to float16."""
-    return (lambda esm: ESM(esm.weight.astype(np.float16), esm.bias.astype(np.float16)),
-            lambda d: d * (d + 1) * 2)
+def from_factor(F):
+    """The ESM whose W~ is F: any F with F^T F = M scores as the map does (LogME is rotation invariant)."""
+    return ESM(F[:, :-1], F[:, -1])
 
 
-def triangular_int8():
-    """The rejected candidate: R of [W, b] = Q R as int8 steps of one float32 scale per row."""
+def lzma_bytes(codes):
+    return len(lzma.compress(np.ascontiguousarray(codes, np.int8).tobytes(), preset=9 | lzma.PRESET_EXTREME))
 
-    def approximate(esm):
-        R = np.linalg.qr(np.hstack([esm.weight, esm.bias[:, None]]).astype(np.float64), mode="r")
-        scale = np.abs(R).max(1, keepdims=True) / 127
-        R = np.round(R / np.where(scale > 0, scale, 1)) * scale.astype(np.float32)
-        return ESM(R[:, :-1], R[:, -1])
 
-    return approximate, lambda d: d * (d + 3) // 2 + d * 4
+def int8_rows(R):
+    """R rounded to int8 steps of its rows' largest entry / 127: (decoded, codes)."""
+    scale = np.abs(R).max(1, keepdims=True) / 127
+    codes = np.round(R / np.where(scale > 0, scale, 1)).astype(np.int8)
+    return codes * scale, codes
+
+
+# -- forms: each maps the pool's ESMs to (the ESMs as decoded, bytes per source) -------------------
+def stored(form):
+    """One of the index's STORAGE_FORMS, encoded and decoded as a store record does."""
+    def encode(esms):
+        arrays = [e.to_arrays(form) for e in esms]
+        return [ESM.from_arrays(a) for a in arrays], [sum(x.nbytes for x in a.values()) for a in arrays]
+    return encode
+
+
+def half_precision(esms):
+    return ([ESM(e.weight.astype(np.float16), e.bias.astype(np.float16)) for e in esms],
+            [e.dim * (e.dim + 1) * 2 for e in esms])
+
+
+def triangular_int8(esms):
+    d = esms[0].dim
+    decoded = [from_factor(int8_rows(np.linalg.qr(augmented(e), mode="r"))[0]) for e in esms]
+    return decoded, [d * (d + 3) // 2 + 4 * d] * len(esms)
+
+
+def pivoted_int8(esms):
+    decoded, sizes = [], []
+    for e in esms:
+        R, pivots = scipy.linalg.qr(augmented(e), mode="r", pivoting=True)
+        R_q, codes = int8_rows(R)
+        F = np.empty_like(R_q)
+        F[:, pivots] = R_q
+        decoded.append(from_factor(F))
+        upper = codes[np.triu_indices(e.dim, m=e.dim + 1)]
+        sizes.append(lzma_bytes(upper) + 4 * e.dim + 2 * (e.dim + 1))  # codes, row scales, pivots
+    return decoded, sizes
+
+
+def symmetric_function(S, f):
+    values, vectors = np.linalg.eigh(S)
+    return (vectors * f(values)) @ vectors.T
+
+
+def log_residual(step):
+    def encode(esms):
+        d = esms[0].dim
+        moments = [augmented(e).T @ augmented(e) for e in esms]
+        norms = [np.linalg.norm(M) for M in moments]
+        logs = np.stack([symmetric_function(M / n + FLOOR * np.eye(d + 1), np.log) for M, n in zip(moments, norms)])
+        upper = np.triu_indices(d + 1, 1)
+        decoded, sizes = [], []
+        for L, norm in zip(logs, norms):
+            reference = (logs.sum(0) - L) / (len(logs) - 1)
+            basis = np.linalg.eigh(reference)[1]
+            residual = basis.T @ (L - reference) @ basis
+            steps = np.round(residual[upper] / step)
+            escapes = np.abs(steps) > 127  # kept as (int32 position, int16 value)
+            coded = np.diag(np.diag(residual))  # the diagonal in float32
+            coded[upper] = steps * step
+            coded = np.triu(coded) + np.triu(coded, 1).T
+            values, vectors = np.linalg.eigh(basis @ coded @ basis.T + reference)
+            decoded.append(from_factor((vectors * np.sqrt(norm * np.maximum(np.exp(values) - FLOOR, 0))).T[1:]))
+            sizes.append(lzma_bytes(np.where(escapes, -128, steps)) + 6 * escapes.sum() + 4 * (d + 1) + 8)
+        return decoded, sizes
+    return encode
 
 
 def diagonal_plus_low_rank(rank, iterations=5):
-    """The rejected candidate: W ~ D + U V^T by alternating least squares, U and V in float16."""
-
-    def approximate(esm):
-        W = esm.weight.astype(np.float64)
-        D = np.diag(W).copy()
-        for _ in range(iterations):
-            U, s, Vt = np.linalg.svd(W - np.diag(D))
-            low = ((U[:, :rank] * s[:rank]).astype(np.float16).astype(np.float64)
-                   @ Vt[:rank].astype(np.float16).astype(np.float64))
-            D = np.diag(W - low)
-        return ESM(np.diag(D) + low, esm.bias)
-
-    return approximate, lambda d: 2 * rank * d * 2 + 2 * d * 4
+    def encode(esms):
+        decoded = []
+        for e in esms:
+            W = e.weight.astype(np.float64)
+            D = np.diag(W).copy()
+            for _ in range(iterations):
+                U, s, Vt = np.linalg.svd(W - np.diag(D))
+                low = ((U[:, :rank] * s[:rank]).astype(np.float16).astype(np.float64)
+                       @ Vt[:rank].astype(np.float16).astype(np.float64))
+                D = np.diag(W - low)
+            decoded.append(ESM(np.diag(D) + low, e.bias))
+        return decoded, [2 * rank * e.dim * 2 + 2 * e.dim * 4 for e in esms]
+    return encode
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--tasks", type=Path, default=ROOT / "data" / "tasks")
-    parser.add_argument("--models", type=Path, default=ROOT / "data" / "models")
-    parser.add_argument("--ranks", type=int, nargs="*", default=[16, 64, 128], help="ranks of the rejected candidate")
-    parser.add_argument("--max-texts", type=int, default=500, help="texts per source and per target")
+    parser.add_argument("real", type=Path, help="index folder or folder of ESM folders (stored in float32)")
+    parser.add_argument("--tasks", type=Path, default=Path("data/tasks"))
+    parser.add_argument("--cache", type=Path, default=Path("data/bench"))
+    parser.add_argument("--steps", type=float, nargs="*", default=[0.005, 0.01], help="log-residual steps")
+    parser.add_argument("--ranks", type=int, nargs="*", default=[16, 64, 128], help="diagonal + low-rank ranks")
     parser.add_argument("--threads", type=int, default=2, help="torch, faiss and BLAS threads")
-    parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
     set_threads(args.threads)
     threadpool_limits(args.threads)
 
-    print("fitting the pool of ESMs (embeddings cached)...", file=sys.stderr)
-    esms = pool_esms(args.tasks, args.models, args.max_texts, args.seed)
-    targets = target_stats(args.tasks, args.max_texts, args.seed)
-    exact = list(esms.values())
-    d = exact[0].dim
-    reference = {t: scores(exact, s) for t, s in targets.items()}
-    gaps = [np.abs(np.diff(np.sort(r)[::-1][: TOP + 1])).min() for r in reference.values()]
-    print(f"{len(esms)} real ESMs (MiniLM, d={d}) x {len(targets)} targets, {args.threads} threads; "
-          f"smallest score gap in a target's top-{TOP + 1}: {min(gaps):.5f}")
-    print("| form | bytes/source (d=%d) | bytes/source (d=768) | %% of 2.36 MB | rho min | rho mean | same top-5 set "
-          "| same top-5 order | max score change | accepted |\n|---|---|---|---|---|---|---|---|---|---|" % d)
-    forms = {form: stored_form(form) for form in STORAGE_FORMS}
-    forms.update({"float16 (candidate)": half_precision(), "triangular int8 (candidate)": triangular_int8()})
-    forms.update({f"diagonal + rank {r} (candidate)": diagonal_plus_low_rank(r) for r in args.ranks})
-    for name, (approximate, size) in forms.items():
-        stored = [approximate(e) for e in exact]
+    names, W, b, base_model = load_real(args.real)
+    exact = [ESM(w, c) for w, c in zip(W, b)]
+    stats = {t: TargetStats.from_embeddings(X, labels) for t, (X, labels) in targets(
+        args.tasks, args.cache / "targets", base_model).items()}
+    reference = {t: scores(exact, s) for t, s in stats.items()}
+    boundary = [np.sort(r)[::-1][TOP - 1] - np.sort(r)[::-1][TOP] for r in reference.values()]
+    d, float32_bytes = exact[0].dim, exact[0].dim * (exact[0].dim + 1) * 4
+    print(f"{len(exact)} real ESMs (d={d}) x {len(stats)} targets, {args.threads} threads; gap between the "
+          f"{TOP}th and {TOP + 1}th score: smallest {min(boundary):.5f}, median {np.median(boundary):.5f}")
+    print(f"| form | bytes/source (d={d}) | % of float32 | rho min | rho mean | same top-5 set | same top-5 order "
+          "| max score change | accepted |\n|---|---|---|---|---|---|---|---|---|")
+    forms = {form: stored(form) for form in STORAGE_FORMS}
+    forms.update({"float16": half_precision, "triangular int8": triangular_int8,
+                  "pivoted triangular int8 + lzma": pivoted_int8})
+    forms.update({f"log residual, step {s:g} + lzma": log_residual(s) for s in args.steps})
+    forms.update({f"diagonal + rank {r}": diagonal_plus_low_rank(r) for r in args.ranks})
+    for name, encode in forms.items():
+        decoded, sizes = encode(exact)
         rhos, same_set, same_order, change = [], 0, 0, 0.0
-        for target, stats in targets.items():
-            ref, got = reference[target], scores(stored, stats)
+        for target, target_stats in stats.items():
+            ref, got = reference[target], scores(decoded, target_stats)
             rhos.append(spearmanr(ref, got).statistic)
             top_ref, top_got = np.argsort(-ref)[:TOP], np.argsort(-got)[:TOP]
             same_set += set(top_ref) == set(top_got)
             same_order += list(top_ref) == list(top_got)
             change = max(change, float(np.abs(got - ref).max()))
-        accepted = min(rhos) >= 0.99 and same_set == len(targets)
-        print(f"| {name} | {size(d):,} | {size(768):,} | {100 * size(768) / REFERENCE_BYTES:.1f}% | {min(rhos):.4f} "
-              f"| {np.mean(rhos):.4f} | {same_set}/{len(targets)} | {same_order}/{len(targets)} | {change:.5f} "
+        accepted = min(rhos) >= 0.99 and same_set == len(stats)
+        print(f"| {name} | {np.mean(sizes):,.0f} | {100 * np.mean(sizes) / float32_bytes:.1f}% | {min(rhos):.4f} "
+              f"| {np.mean(rhos):.4f} | {same_set}/{len(stats)} | {same_order}/{len(stats)} | {change:.5f} "
               f"| {'yes' if accepted else 'no'} |", flush=True)
 
 
