@@ -71,11 +71,20 @@ def _unpack(packed, size):
     return matrix + np.triu(matrix, 1).T
 
 
-def log_moments(weights, biases):
-    """Packed log(M / |M|_F + LOG_FLOOR I), M = W~^T W~, of ESMs (k, d, d), (k, d): (k, T) float32."""
+def normalised_moments(weights, biases):
+    """M / |M|_F, M = W~^T W~, of ESMs (k, d, d), (k, d): (k, d + 1, d + 1) float64."""
     Wt = np.concatenate([np.asarray(weights, np.float64), np.asarray(biases, np.float64)[..., None]], axis=-1)
     M = np.swapaxes(Wt, -1, -2) @ Wt
-    M /= np.maximum(np.linalg.norm(M, axis=(-2, -1), keepdims=True), 1e-30)
+    return M / np.maximum(np.linalg.norm(M, axis=(-2, -1), keepdims=True), 1e-30)
+
+
+def log_moments(weights, biases):
+    """Packed log(M / |M|_F + LOG_FLOOR I), M = W~^T W~, of ESMs (k, d, d), (k, d): (k, T) float32."""
+    return packed_log(normalised_moments(weights, biases))
+
+
+def packed_log(M):
+    """Packed log(M + LOG_FLOOR I) of positive semi-definite matrices (k, n, n): (k, T) float32."""
     values, vectors = np.linalg.eigh(M)
     logs = np.log(np.clip(values, 0, None) + LOG_FLOOR)
     return _pack((vectors * logs[..., None, :]) @ np.swapaxes(vectors, -1, -2)).astype(np.float32)

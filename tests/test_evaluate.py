@@ -198,6 +198,12 @@ def test_selection_tools_end_to_end(pool, tiny_model):
     assert [set(r["methods"]) for r in again] == [set(methods) | {"esm_logme_k3"}] * 2
     assert all(r["methods"]["textemb"] == old["methods"]["textemb"] for r, old in zip(again, lines))
     assert sum(v is not None for v in again[0]["methods"]["esm_logme_k3"]["scores"]) == 3
+    before = scores.read_text()
+    command = [sys.executable, "tools/score_methods.py", *map(str, (tasks, models, index, scores)),
+               "--train-examples", "24", "--only", "esm_logme_k7"]
+    refused = subprocess.run(command, cwd=ROOT, capture_output=True, text=True)
+    assert refused.returncode == 1 and "unknown method(s) esm_logme_k7" in refused.stderr
+    assert scores.read_text() == before
 
     output = folder / "EVALUATION.md"
     tool("tools/evaluate_selection.py", truth, scores, output)

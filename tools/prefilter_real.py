@@ -28,14 +28,7 @@ from pool import DerivedPool, load_real  # noqa: E402
 from esm_index.embed import DEFAULT_BASE_MODEL  # noqa: E402
 from esm_index.evaluate import rank_correlation, recall_at_k  # noqa: E402
 from esm_index.logme import TargetStats, encode_labels, logme_from_stats  # noqa: E402
-from esm_index.prefilter import _pack, _unpack, evidence_gradient, exp_chain, log_moments  # noqa: E402
-
-
-def plain_moments(W, b):
-    """Packed M / |M|_F: the earlier prefilter's coordinates."""
-    Wt = np.concatenate([W.astype(np.float64), b.astype(np.float64)[..., None]], axis=-1)
-    M = np.swapaxes(Wt, -1, -2) @ Wt
-    return _pack(M / np.linalg.norm(M, axis=(-2, -1), keepdims=True)).astype(np.float32)
+from esm_index.prefilter import _pack, _unpack, evidence_gradient, exp_chain, normalised_moments, packed_log  # noqa: E402
 
 
 class Linearised:
@@ -43,7 +36,7 @@ class Linearised:
 
     def __init__(self, batches):
         """batches: (W, b) of the pool's ESMs, a batch at a time."""
-        chunks = [(log_moments(W, b), plain_moments(W, b)) for W, b in batches]
+        chunks = [(packed_log(M), _pack(M).astype(np.float32)) for M in (normalised_moments(W, b) for W, b in batches)]
         self.log, self.plain = (np.concatenate(c) for c in zip(*chunks))
         size = round(np.sqrt(2 * self.log.shape[1] + 0.25) - 0.5)
         self.centre = np.linalg.eigh(_unpack(self.log.mean(0, dtype=np.float64), size))

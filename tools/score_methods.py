@@ -88,14 +88,19 @@ def vocab_overlap(names, vocabularies, texts):
 def score_target(index, names, models, vocabularies, train, candidates, seed, target, only=None):
     """Scores and seconds of every method (or of those in `only`) for one target sample."""
     X, embed_seconds = timed(index.encoder.embed, train.texts)
-    methods = {}
-    for name, method, args, embeds in [
+    table = [
         ("esm_logme", esm_logme, (index, names, X, train.labels, None), True),
         *[(f"esm_logme_k{k}", esm_logme, (index, names, X, train.labels, k), True) for k in candidates],
         ("textemb", textemb, (index, names, X), True),
         ("vocab_overlap", vocab_overlap, (names, vocabularies, train.texts), False),
         ("logme_finetuned", logme_finetuned, (index, names, models, train.texts, train.labels), False),
-    ]:
+    ]
+    known = [name for name, *_ in table] + ["random"]
+    if only and set(only) - set(known):
+        raise ESMIndexError(f"unknown method(s) {', '.join(sorted(set(only) - set(known)))}; "
+                            f"known with these --candidates: {', '.join(known)}")
+    methods = {}
+    for name, method, args, embeds in table:
         if only and name not in only:
             continue
         scores, seconds = timed(method, *args)
@@ -155,12 +160,8 @@ def main():
 
 
 def refresh(args):
-    """Rescore the methods in args.only in every line of args.results, then replace the file atomically."""
-    known = {"esm_logme", *(f"esm_logme_k{k}" for k in args.candidates), "textemb", "vocab_overlap",
-             "logme_finetuned", "random"}
-    if set(args.only) - known:
-        raise ESMIndexError(f"unknown method(s) {', '.join(sorted(set(args.only) - known))}; "
-                            f"known with these --candidates: {', '.join(sorted(known))}")
+    """Rescore the methods in args.only in every line of args.results, then replace the file atomically
+    (an unknown method stops it at the first line, before anything is written)."""
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     settings = TargetSettings(train_examples=args.train_examples)
     with ESMIndex.open(args.index, readonly=True) as index:
