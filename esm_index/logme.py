@@ -4,7 +4,8 @@ LogME (You et al., thuml/LogME `_fit_fixed_point`) needs, per label column y, on
 s2 of G = F^T F and the squared projections x2 = (V^T F^T y)^2 / s2 of y on its eigenvectors, plus
 y^T y and n. For mapped features F = X~ W~^T (X~ = [X, 1], W~ = [W, b]) these follow from
 A = X~^T X~ and B = X~^T Y, computed once per target: G = W~ A W~^T and F^T Y = W~ B. So each ESM
-costs O(d^3) whatever n is, and F is never built. logme_score is the plain version on materialised F.
+costs O(d^3) however large n is (O(r d^2) when A has rank r < d, i.e. n < d: the eigh is then r x r), and
+F is never built. logme_score is the plain version on materialised F.
 
 Rank cut-off (shared by every path here, so they agree on degenerate input): an eigenvalue s2 of G
 is kept when its singular value sqrt(s2) > 1e-10 (thuml's rule) AND s2 > max(s2) * max(n, d) * eps.
@@ -175,28 +176,41 @@ class TargetStats:
 
     @cached_property
     def factor(self) -> tuple[np.ndarray, np.ndarray]:
-        """(p, L) with A[p][:, p] = L L^T, L lower triangular (pivoted Cholesky, which also handles a
-        rank-deficient A). Then G = W~ A W~^T = (W~[:, p] L)(W~[:, p] L)^T: a triangular product and a
-        symmetric rank-k update, half the flops of two general products, and PSD by construction."""
+        """(p, L) with A[p][:, p] = L L^T, L lower trapezoidal (d+1, r), r the rank of A (pivoted Cholesky,
+        which also handles a rank-deficient A; r <= n). Then G = W~ A W~^T = (W~[:, p] L)(W~[:, p] L)^T:
+        a triangular product and a symmetric rank-k update, half the flops of two general products, and
+        PSD by construction."""
         c, pivot, rank, _ = lapack.dpstrf(self.A, lower=1)
-        L = np.tril(c)
-        L[rank:, rank:] = 0.0  # the unfactored remainder is below rounding level
-        return pivot - 1, np.asfortranarray(L)
+        return pivot - 1, np.asfortranarray(np.tril(c)[:, :rank])  # beyond rank: below rounding level
 
 
 def _esm_logme(W: np.ndarray, b: np.ndarray, stats: TargetStats) -> float:
     """ESM-LogME of one ESM: G = W~ A W~^T, its eigh, z = V^T W~ B. NaN, not an exception, when W~ is
-    not finite or eigh fails, so one bad ESM does not sink the batch."""
+    not finite or eigh fails, so one bad ESM does not sink the batch.
+
+    With P = (W~[:, p] L)^T of r rows, G = P^T P (d x d). When r < d (a target of fewer examples than
+    dimensions) its nonzero eigenvalues are those of the r x r matrix P P^T = U S2 U^T, with eigenvectors
+    v = P^T u / sqrt(s2), so z^2 = (u^T P W~ B)^2 / s2: an r x r eigh instead of d x d."""
     Wt = np.concatenate([W, b[:, None]], axis=1, dtype=np.float64)
     if not np.isfinite(Wt).all():
         return np.nan
     pivot, L = stats.factor
-    Pt = blas.dtrmm(1.0, L, Wt[:, pivot].T, lower=1, trans_a=1)  # (W~[:, p] L)^T
+    if L.shape[1] == len(L):
+        P = blas.dtrmm(1.0, L, Wt[:, pivot].T, lower=1, trans_a=1)  # (d+1, d)
+    else:
+        P = L.T @ Wt[:, pivot].T  # (r, d)
+    WB = Wt @ stats.B
     try:
-        s2, V = np.linalg.eigh(Pt.T @ Pt)  # numpy runs this product as a symmetric rank-k update
+        if len(P) < len(W):
+            s2, U = np.linalg.eigh(P @ P.T)
+            with np.errstate(divide="ignore", invalid="ignore"):
+                z2 = ((U.T @ (P @ WB)) ** 2).T / s2  # columns of rounding-level s2 are cut by _evidence
+        else:
+            s2, V = np.linalg.eigh(P.T @ P)  # numpy runs this product as a symmetric rank-k update
+            z2 = ((V.T @ WB) ** 2).T
     except np.linalg.LinAlgError:
         return np.nan
-    return _evidence(s2, ((V.T @ (Wt @ stats.B)) ** 2).T, stats.yy, stats.n, len(W))
+    return _evidence(s2, z2, stats.yy, stats.n, len(W))
 
 
 def logme_from_stats(weights, biases, stats: TargetStats, batch_size=64) -> np.ndarray:
@@ -204,7 +218,8 @@ def logme_from_stats(weights, biases, stats: TargetStats, batch_size=64) -> np.n
 
     weights: (K, d, d) array or sequence of (d, d) arrays, any float dtype; biases: (K, d).
     Returns float64 (K,), NaN where the score is not finite (e.g. a non-finite or all-zero map).
-    Each ESM costs a triangular product, a symmetric update and an eigh of d x d, whatever n is. ESMs run
+    Each ESM costs a triangular product, a symmetric update and an eigh of d x d however large n is (of
+    r x r when the target's A has rank r < d: fewer examples than dimensions). ESMs run
     in parallel threads with single-threaded BLAS: measured here, that beats threaded BLAS inside one
     eigh, and it does not collapse when other jobs load the cores; the fixed-point loop of each ESM
     is vectorised over its classes and stays in cache. batch_size ESMs are read at a time, so memory

@@ -115,6 +115,15 @@ def test_degenerate_inputs_agree(case):
     check_all_paths(X, y, W, b)
 
 
+@pytest.mark.parametrize("n", [5, 18, 19, 20, 21, 22])
+def test_sample_sizes_around_d_agree(n):
+    """Fewer examples than dimensions decompose the rank x rank side, more the d x d Gram: both exact."""
+    rng = np.random.default_rng(n)
+    X, y = clustered(rng, n, 20, 3)
+    W, b = random_esms(rng, 3, 20)
+    check_all_paths(X, y, W, b)
+
+
 def test_identity_map_equals_plain_logme_of_embeddings():
     rng = np.random.default_rng(4)
     X, y = clustered(rng, 100, 12, 2)
