@@ -86,7 +86,7 @@ def _targets(labels, n: int, regression: bool) -> np.ndarray:
 
 def _kept(s2: np.ndarray, n: int, d: int) -> np.ndarray:
     """Which eigenvalues of G = F^T F are signal, not rounding: see the module docstring."""
-    return (s2 > 1e-20) & (s2 > s2.max() * max(n, d) * EPS)
+    return (s2 > 1e-20) & (s2 > s2.max(initial=0.0) * max(n, d) * EPS)
 
 
 def _fixed_point(s2: np.ndarray, x2: np.ndarray, res_x2: np.ndarray, n: int):
@@ -190,7 +190,9 @@ def _esm_logme(W: np.ndarray, b: np.ndarray, stats: TargetStats) -> float:
 
     With P = (W~[:, p] L)^T of r rows, G = P^T P (d x d). When r < d (a target of fewer examples than
     dimensions) its nonzero eigenvalues are those of the r x r matrix P P^T = U S2 U^T, with eigenvectors
-    v = P^T u / sqrt(s2), so z^2 = (u^T P W~ B)^2 / s2: an r x r eigh instead of d x d."""
+    v = P^T u / sqrt(s2), so z^2 = (u^T P W~ B)^2 / s2: an r x r eigh instead of d x d. (Near the rank
+    cut-off z then carries a relative error ~ s_max / s, as the d x d side's eigenvalues are rounding-level
+    there too.)"""
     Wt = np.concatenate([W, b[:, None]], axis=1, dtype=np.float64)
     if not np.isfinite(Wt).all():
         return np.nan

@@ -152,6 +152,8 @@ def test_non_finite_or_empty_maps_give_nan():
     scores = logme_from_stats(W, b, TargetStats.from_embeddings(X, y))
     assert np.isnan(scores[:2]).all() and np.isfinite(scores[2])
     assert np.isnan(logme_score(np.zeros((10, 3)), [0, 1] * 5))
+    empty = TargetStats(A=np.zeros((7, 7)), B=np.zeros((7, 2)), yy=np.ones(2), n=4)  # hand-built, rank 0
+    assert np.isnan(logme_from_stats(W[2:], b[2:], empty)).all()
 
 
 def test_encode_labels():

@@ -17,11 +17,14 @@ Forms: the index's STORAGE_FORMS, and candidates measured and rejected, kept her
   added to an index whose reference is fixed (its one (d+1)^2 matrix per index is not counted);
 - diagonal + rank r: W ~ D + U V^T by alternating least squares, U and V in float16.
 Bytes per source are measured on the pool's maps (the compressed forms depend on the map), and given as a
-share of float32 at the same d. Every form but the low-rank one keeps a fixed share of the d (d + 1)
-entries plus O(d) bytes, so its share is the one at d = 768, where float32 is hf-dataset-selector's
-2,362,368 bytes (the low-rank form's share halves there).
+share of float32 at the same d. The uncompressed forms but the low-rank one keep a fixed share of the
+d (d + 1) entries plus O(d) bytes, so their share is the one at d = 768, where float32 is
+hf-dataset-selector's 2,362,368 bytes (the low-rank form's share halves there); for the lzma forms it is
+an estimate (bits per entry measured at the pool's d).
 
     python tools/bench_compression.py indexes/default [--steps 0.005 0.01] [--ranks 16 64 128] [--threads 2]
+
+Run from the repository root (the default --tasks and --cache are relative to it).
 """
 
 import argparse
@@ -41,10 +44,13 @@ from pool import load_real  # noqa: E402
 
 from esm_index.embed import set_threads  # noqa: E402
 from esm_index.esm import ESM, STORAGE_FORMS  # noqa: E402
+from esm_index.index import ESMIndex  # noqa: E402
 from esm_index.logme import TargetStats, logme_from_stats  # noqa: E402
+from esm_index.prefilter import normalised_moments  # noqa: E402
 
 TOP = 5
-FLOOR = 1e-13  # added to M / |M|_F before its log: M has rank d of d + 1
+FLOOR = 1e-13  # added to M / |M|_F before its log (M has rank d of d + 1); far below the prefilter's
+# LOG_FLOOR, because here exp must undo the log to rounding level, not only rank maps
 
 
 def scores(esms, stats):
@@ -114,18 +120,22 @@ def symmetric_function(S, f):
 def log_residual(step):
     def encode(esms):
         d = esms[0].dim
-        moments = [augmented(e).T @ augmented(e) for e in esms]
-        norms = [np.linalg.norm(M) for M in moments]
-        logs = np.stack([symmetric_function(M / n + FLOOR * np.eye(d + 1), np.log) for M, n in zip(moments, norms)])
+        weights, biases = np.stack([e.weight for e in esms]), np.stack([e.bias for e in esms])
+        norms = [np.linalg.norm(augmented(e).T @ augmented(e)) for e in esms]
+        logs = np.stack([symmetric_function(M + FLOOR * np.eye(d + 1), np.log)
+                         for M in normalised_moments(weights, biases)])
+        total = logs.sum(0)
         upper = np.triu_indices(d + 1, 1)
         decoded, sizes = [], []
         for L, norm in zip(logs, norms):
-            reference = (logs.sum(0) - L) / (len(logs) - 1)
+            reference = (total - L) / (len(logs) - 1)
             basis = np.linalg.eigh(reference)[1]
             residual = basis.T @ (L - reference) @ basis
             steps = np.round(residual[upper] / step)
             escapes = np.abs(steps) > 127  # kept as (int32 position, int16 value)
-            coded = np.diag(np.diag(residual))  # the diagonal in float32
+            if np.abs(steps).max() > 32767:
+                raise SystemExit(f"log-residual step {step:g} is too fine for int16 escapes")
+            coded = np.diag(np.diag(residual).astype(np.float32))  # the diagonal in float32
             coded[upper] = steps * step
             coded = np.triu(coded) + np.triu(coded, 1).T
             values, vectors = np.linalg.eigh(basis @ coded @ basis.T + reference)
@@ -163,7 +173,11 @@ def main():
     set_threads(args.threads)
     threadpool_limits(args.threads)
 
-    names, W, b, base_model = load_real(args.real)
+    if (args.real / "data.mdb").is_file():
+        with ESMIndex.open(args.real, readonly=True) as index:
+            if index.meta["storage"] != "float32":
+                raise SystemExit(f"{args.real}: ESMs stored as {index.meta['storage']}; the reference must be float32")
+    _, W, b, base_model = load_real(args.real)
     exact = [ESM(w, c) for w, c in zip(W, b)]
     stats = {t: TargetStats.from_embeddings(X, labels) for t, (X, labels) in targets(
         args.tasks, args.cache / "targets", base_model).items()}

@@ -28,7 +28,8 @@ from pool import DerivedPool, load_real  # noqa: E402
 from esm_index.embed import DEFAULT_BASE_MODEL  # noqa: E402
 from esm_index.evaluate import rank_correlation, recall_at_k  # noqa: E402
 from esm_index.logme import TargetStats, encode_labels, logme_from_stats  # noqa: E402
-from esm_index.prefilter import _pack, _unpack, evidence_gradient, exp_chain, normalised_moments, packed_log  # noqa: E402
+from esm_index.prefilter import (_pack, _unpack, evidence_gradient, exp_chain,  # noqa: E402
+                                 normalised_moments, packed_log)
 
 
 class Linearised:

@@ -85,22 +85,24 @@ def vocab_overlap(names, vocabularies, texts):
     return [len(target & vocabularies[n]) / len(target | vocabularies[n]) for n in names]
 
 
+def method_names(candidates):
+    """Every method score_target runs, in its order (random last)."""
+    return ["esm_logme", *(f"esm_logme_k{k}" for k in candidates), "textemb", "vocab_overlap", "logme_finetuned",
+            "random"]
+
+
 def score_target(index, names, models, vocabularies, train, candidates, seed, target, only=None):
     """Scores and seconds of every method (or of those in `only`) for one target sample."""
     X, embed_seconds = timed(index.encoder.embed, train.texts)
-    table = [
-        ("esm_logme", esm_logme, (index, names, X, train.labels, None), True),
-        *[(f"esm_logme_k{k}", esm_logme, (index, names, X, train.labels, k), True) for k in candidates],
-        ("textemb", textemb, (index, names, X), True),
-        ("vocab_overlap", vocab_overlap, (names, vocabularies, train.texts), False),
-        ("logme_finetuned", logme_finetuned, (index, names, models, train.texts, train.labels), False),
+    calls = [
+        (esm_logme, (index, names, X, train.labels, None), True),
+        *[(esm_logme, (index, names, X, train.labels, k), True) for k in candidates],
+        (textemb, (index, names, X), True),
+        (vocab_overlap, (names, vocabularies, train.texts), False),
+        (logme_finetuned, (index, names, models, train.texts, train.labels), False),
     ]
-    known = [name for name, *_ in table] + ["random"]
-    if only and set(only) - set(known):
-        raise ESMIndexError(f"unknown method(s) {', '.join(sorted(set(only) - set(known)))}; "
-                            f"known with these --candidates: {', '.join(known)}")
     methods = {}
-    for name, method, args, embeds in table:
+    for name, (method, args, embeds) in zip(method_names(candidates)[:-1], calls, strict=True):
         if only and name not in only:
             continue
         scores, seconds = timed(method, *args)
@@ -160,8 +162,11 @@ def main():
 
 
 def refresh(args):
-    """Rescore the methods in args.only in every line of args.results, then replace the file atomically
-    (an unknown method stops it at the first line, before anything is written)."""
+    """Rescore the methods in args.only in every line of args.results, then replace the file atomically."""
+    known = method_names(args.candidates)
+    if set(args.only) - set(known):
+        raise ESMIndexError(f"unknown method(s) {', '.join(sorted(set(args.only) - set(known)))}; "
+                            f"known with these --candidates: {', '.join(known)}")
     rows = [json.loads(line) for line in args.results.read_text().splitlines() if line.strip()]
     settings = TargetSettings(train_examples=args.train_examples)
     with ESMIndex.open(args.index, readonly=True) as index:
