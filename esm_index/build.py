@@ -118,13 +118,20 @@ class BuildSettings:
 
 
 def content_hash(spec, settings):
-    """A hash of everything that determines a source's record: the file's bytes and every setting."""
+    """A hash of everything that determines a source's record: the file's bytes, every setting and, for
+    an already fine-tuned model, each of its files' name, size and modification time (as `make` would:
+    hashing gigabytes of weights on every resumed build would cost more than it saves)."""
     digest = hashlib.sha256()
     with open(spec.path, "rb") as file:
         for chunk in iter(lambda: file.read(1 << 20), b""):
             digest.update(chunk)
     options = {k: v for k, v in asdict(spec).items() if k not in ("name", "path")}
     digest.update(json.dumps([options, asdict(settings)], sort_keys=True, default=str).encode())
+    if spec.finetuned:
+        model = Path(spec.finetuned)
+        files = sorted(f for f in model.rglob("*") if f.is_file()) if model.is_dir() else []
+        digest.update(json.dumps([(str(f.relative_to(model)), f.stat().st_size, f.stat().st_mtime_ns)
+                                  for f in files]).encode())
     return digest.hexdigest()
 
 

@@ -13,6 +13,8 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
+from .data import SOURCE_MAX_EXAMPLES, TARGET_MAX_EXAMPLES
+from .embed import DEFAULT_BASE_MODEL
 from .errors import ESMIndexError
 from .query import DEFAULT_CANDIDATES
 
@@ -78,7 +80,7 @@ def print_json(value):
 @command()
 def init(
     index: Path = INDEX,
-    base_model: str = typer.Option("sentence-transformers/all-MiniLM-L6-v2", help="Model folder or packaged name."),
+    base_model: str = typer.Option(DEFAULT_BASE_MODEL, help="Model folder or packaged name."),
     dim: Optional[int] = typer.Option(None, help="Embedding dimension; when given, the model is not loaded now."),
     pooling: Optional[str] = typer.Option(None, help="mean | pooler | cls (default: by model kind)."),
     storage: str = typer.Option("float32", help="How records keep each ESM: float32 | triangular-float16 (R of "
@@ -102,7 +104,7 @@ def add(
     text_column: Optional[str] = TEXT_COLUMN,
     label_column: Optional[str] = LABEL_COLUMN,
     regression: bool = REGRESSION,
-    max_examples: int = typer.Option(10_000, help="Seeded sample cap on source examples."),
+    max_examples: int = typer.Option(SOURCE_MAX_EXAMPLES, help="Seeded sample cap on source examples."),
     epochs: float = EPOCHS,
     fit: str = FIT,
     seed: int = typer.Option(0, help="Seed for sampling and training."),
@@ -196,7 +198,7 @@ def query(
     text_column: Optional[str] = TEXT_COLUMN,
     label_column: Optional[str] = LABEL_COLUMN,
     regression: bool = REGRESSION,
-    max_examples: int = typer.Option(1_000, help="Seeded sample cap on target examples."),
+    max_examples: int = typer.Option(TARGET_MAX_EXAMPLES, help="Seeded sample cap on target examples."),
     seed: int = typer.Option(0, help="Seed for sampling."),
     as_json: bool = JSON,
     quiet: bool = QUIET,
@@ -204,7 +206,7 @@ def query(
     """Rank the index's sources for a target (texts and labels, or precomputed embeddings)."""
     from .data import read_task
 
-    if candidates != "all" and not candidates.isdigit():
+    if candidates != "all" and not (candidates.isascii() and candidates.isdigit()):
         raise ESMIndexError(f"--candidates takes a positive number or 'all', got {candidates!r}")
     count = None if candidates == "all" else int(candidates)
     with open_index(index, readonly=True) as opened:

@@ -30,6 +30,8 @@ class Task:
 
     def subsample(self, max_examples, seed=0):
         """A seeded random subset of at most max_examples, in file order."""
+        if max_examples is not None and (not isinstance(max_examples, (int, np.integer)) or max_examples < 1):
+            raise ESMIndexError(f"max_examples must be a positive integer, got {max_examples!r}")
         if max_examples is None or len(self) <= max_examples:
             return self
         keep = np.sort(np.random.default_rng(seed).choice(len(self), max_examples, replace=False))

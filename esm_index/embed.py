@@ -47,11 +47,19 @@ def default_pooling(model_dir):
     return "pooler" if config.get("model_type") == "bert" else "cls"
 
 
-def set_threads(threads=None):
-    """Pin torch's and faiss's OpenMP pools to one size so they do not oversubscribe the cores."""
-    import faiss  # noqa: F401  (faiss before torch: both bring OpenMP)
+def import_torch():
+    """torch, loaded after faiss: both bring an OpenMP runtime, and faiss's must come first."""
+    import faiss  # noqa: F401
     import torch
 
+    return torch
+
+
+def set_threads(threads=None):
+    """Pin torch's and faiss's OpenMP pools to one size so they do not oversubscribe the cores."""
+    import faiss
+
+    torch = import_torch()
     threads = threads or int(os.environ.get("ESM_INDEX_THREADS", 0)) or os.cpu_count() or 1
     faiss.omp_set_num_threads(threads)
     torch.set_num_threads(threads)
@@ -99,8 +107,7 @@ class Encoder:
 
         `progress` is called with the number of texts done after each batch.
         """
-        import torch
-
+        torch = import_torch()
         self._load()
         model = self.model_ if model is None else model.eval()
         out = []

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .embed import import_torch
 from .errors import ESMIndexError
 
 FIT_METHODS = ("lstsq", "adamw")
@@ -37,6 +38,10 @@ class ESMFitConfig:
     weight_decay: float = 0.01
     holdout: float = 0.1
     seed: int = 0
+
+    def __post_init__(self):  # checked here, before any fine-tuning the fit would follow
+        if self.method not in FIT_METHODS:
+            raise ESMIndexError(f"unknown ESM fit method {self.method!r} (choose from {', '.join(FIT_METHODS)})")
 
 
 @dataclass
@@ -70,8 +75,6 @@ class ESM:
         """Fit X -> Y. The fit's quality is measured on a seeded held-out split, then the map is refitted
         on all rows; `config["fit"]` records both, and the seconds of the final fit."""
         config = config or ESMFitConfig()
-        if config.method not in FIT_METHODS:
-            raise ESMIndexError(f"unknown ESM fit method {config.method!r} (choose from {', '.join(FIT_METHODS)})")
         X, Y = np.asarray(X, np.float64), np.asarray(Y, np.float64)
         if X.shape != Y.shape or X.ndim != 2 or len(X) == 0:
             raise ESMIndexError(f"ESM fit needs two non-empty (n, d) arrays of one shape, got {X.shape} and {Y.shape}")
@@ -218,7 +221,7 @@ def _gcv_ridge(e, Z, total, n):
 
 def _fit_adamw(X, Y, config):
     """The paper's way: a Linear(d, d) trained with MSE by AdamW in minibatches."""
-    import torch
+    torch = import_torch()
 
     torch.manual_seed(config.seed)
     layer = torch.nn.Linear(X.shape[1], Y.shape[1])

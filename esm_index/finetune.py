@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from .embed import import_torch
 from .errors import ESMIndexError
 
 
@@ -34,8 +35,7 @@ def finetune(encoder, task, config=None, model=None, progress=None):
     Returns (model, head). The head is a `torch.nn.Linear` on the pooled embedding; cross-entropy for
     classes, MSE for regression. `progress` is called with the fraction of steps done.
     """
-    import torch
-
+    torch = import_torch()
     config = config or FinetuneConfig()
     encoder._load()
     if len(task) < 2:

@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from .build import BuildSettings, SourceSpec, content_hash, esm_record, prepare_source
-from .embed import DEFAULT_BASE_MODEL, Encoder, default_pooling, resolve_model
+from .embed import DEFAULT_BASE_MODEL, POOLINGS, Encoder, default_pooling, resolve_model
 from .errors import ESMIndexError
 from .esm import ESM, check_origin, check_storage, import_name
 from .prefilter import Prefilter, PrefilterConfig
@@ -15,6 +15,7 @@ from .store import Store
 from .verify import check_record, verify
 
 NAME_PATTERN = re.compile(r"^[\w.:@+/-][\w .:@+/=-]{0,199}$")
+MAX_NAME_BYTES = 511  # LMDB's default largest key
 PREFILTER_RETRIES = 3  # queries rerun when a write lands between the prefilter and the ranking's snapshot
 
 
@@ -30,8 +31,10 @@ def disk_bytes(folder):
 
 
 def check_name(name):
-    if not isinstance(name, str) or not NAME_PATTERN.match(name) or name != name.strip():
-        raise ESMIndexError(f"invalid source name {name!r} (letters, digits, and . _ - : @ + / = space; 1-200 chars)")
+    if (not isinstance(name, str) or not NAME_PATTERN.match(name) or name != name.strip()
+            or len(name.encode()) > MAX_NAME_BYTES):
+        raise ESMIndexError(f"invalid source name {name!r} (letters, digits, and . _ - : @ + / = space; "
+                            f"1-200 chars, at most {MAX_NAME_BYTES} bytes in UTF-8)")
     return name
 
 
@@ -39,7 +42,7 @@ class ESMIndex:
     """A folder holding the LMDB store of one base model's sources and its derived FAISS prefilter.
 
     >>> index = ESMIndex.create("my-index")                 # the packaged MiniLM as base model
-    >>> index.add_source("sst2", texts, labels)             # fine-tunes, fits the ESM, stores it
+    >>> index.add_source("sst2", "sst2.csv")                # fine-tunes, fits the ESM, stores it
     >>> for result in index.query(target_texts, target_labels, top_k=5):
     ...     print(result.rank, result.source, result.score)
     """
@@ -64,6 +67,8 @@ class ESMIndex:
                 pooling = "mean"  # not loadable here; stated in `info` and overridable
         if not isinstance(dim, int) or dim <= 0:
             raise ESMIndexError(f"the embedding dimension must be a positive integer, got {dim!r}")
+        if pooling not in POOLINGS:
+            raise ESMIndexError(f"unknown pooling {pooling!r} (choose from {', '.join(POOLINGS)})")
         check_storage(storage)
         meta = {
             "base_model": str(base_model),
@@ -76,8 +81,9 @@ class ESMIndex:
         return cls(Store.create(path, meta))
 
     @classmethod
-    def open(cls, path, readonly=False):
-        return cls(Store(path, readonly=readonly))
+    def open(cls, path, readonly=False, threaded=False):
+        """An existing index; `threaded`: one handle shared by threads that read while it writes (`serve`)."""
+        return cls(Store(path, readonly=readonly, threaded=threaded))
 
     def close(self):
         self.store.close()

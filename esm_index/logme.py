@@ -18,6 +18,7 @@ here both regimes use the rule above.
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import cached_property, partial
 
@@ -32,10 +33,17 @@ MAX_ITERATIONS = 11  # thuml's cap
 TOLERANCE = 1e-3     # on the relative change of t = alpha / beta
 RIDGE = 1e-5         # thuml's epsilon in the alpha and beta updates
 
-# logme_from_stats pins BLAS to one thread while it runs its own threads; the lock keeps two scans
-# from interleaving those process-wide settings (they would share the same cores anyway).
 _BLAS = ThreadpoolController()
-_SCAN_LOCK = threading.Lock()
+_BLAS_LOCK = threading.Lock()
+
+
+@contextmanager
+def single_threaded_blas():
+    """BLAS pinned to one thread while the block runs (logme_from_stats runs its own threads; the
+    prefilter's small products gain nothing from more). The setting is process-wide, so a lock keeps
+    concurrent users (threads of `serve`) from interleaving it and restoring each other's values."""
+    with _BLAS_LOCK, _BLAS.limit(limits=1, user_api="blas"):
+        yield
 
 
 def encode_labels(labels, regression: bool) -> np.ndarray:
@@ -237,7 +245,7 @@ def logme_from_stats(weights, biases, stats: TargetStats, batch_size=64) -> np.n
     stats.factor  # noqa: B018 - computed once, here, not raced for by the threads
     score = partial(_esm_logme, stats=stats)
     scores = np.empty(K)
-    with _SCAN_LOCK, _BLAS.limit(limits=1, user_api="blas"), ThreadPoolExecutor(min(_cpus(), batch_size)) as pool:
+    with single_threaded_blas(), ThreadPoolExecutor(min(_cpus(), batch_size)) as pool:
         for start in range(0, K, batch_size):
             ks = range(start, min(start + batch_size, K))
             Ws = [np.asarray(weights[k]) for k in ks]  # read here: the sequence may not be thread-safe

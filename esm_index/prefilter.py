@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ESMIndexError
+from .logme import single_threaded_blas
 
 INDEX_FILE = "prefilter.npz"  # basis, coordinates, FAISS index and generation, in one file
 KIND = "log-moments"  # what the saved coordinates are; a file of another kind is rebuilt
@@ -194,10 +195,8 @@ class Basis:
     def query(self, X, Y):
         """The target's query vector: the evidence gradient in L at the mean log map, on the principal
         directions. Single-threaded BLAS: on these sizes threads gain little and, on a loaded machine, collapse."""
-        from threadpoolctl import threadpool_limits
-
         values, vectors = self.centre
-        with threadpool_limits(1, "blas"):
+        with single_threaded_blas():
             gradient = evidence_gradient(np.asarray(X, np.float64), Y, np.exp(values), vectors)
             return (self.components @ _pack(exp_chain(gradient, values, vectors)).astype(np.float32)).astype(np.float32)
 

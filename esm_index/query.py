@@ -86,11 +86,6 @@ def rank(store, prefilter, X, labels, regression=False, top_k=10, candidates=DEF
     started = time.perf_counter()
     meta = store.meta()
     X, labels = check_target(X, labels, meta["dim"])
-    if regression:
-        try:
-            labels = labels.astype(np.float64).reshape(len(labels), -1)
-        except ValueError:
-            raise ESMIndexError("regression labels must be numbers") from None
     stats = TargetStats.from_embeddings(X, labels, regression)
     timings["statistics"] = time.perf_counter() - started
 

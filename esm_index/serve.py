@@ -9,8 +9,8 @@ Why it is shaped this way:
   server or any other process) bumped it. The generation that answered is in the `X-Index-Generation`
   header: a query that a write overtook runs again (up to RACE_RETRIES times) so that header is exact;
 - endpoints are plain functions, run in uvicorn's threadpool: numpy, torch and LMDB release the GIL. The
-  encoder takes a lock (a tokenizer is not thread-safe); writes exclude reads (LMDB may grow its map only
-  while this process has no transaction open);
+  encoder takes a lock (a tokenizer is not thread-safe); writes exclude reads, and the writable store maps
+  all its address space up front (`threaded`), so no thread ever has to remap LMDB under another's reads;
 - every bad request is a 4xx with one line, `{"error": "..."}`: ESMIndexError -> 400, schema -> 422,
   body too large -> 413, writes on a read-only server -> 403, unknown source -> 404;
 - `--workers N` starts N spawned processes (uvicorn never forks), each opening its own LMDB environment.
@@ -210,7 +210,7 @@ class Service:
         from .index import ESMIndex
 
         self.config = config
-        self.index = ESMIndex.open(config.index, readonly=not config.allow_writes)
+        self.index = ESMIndex.open(config.index, readonly=not config.allow_writes, threaded=True)
         self.access = ReadWriteLock()
         self.embedding = threading.Lock()
 

@@ -10,7 +10,9 @@ never reused: a replaced source gets a new one, so a stale derived index never p
 Many processes may read while one writes: each read runs in one LMDB snapshot, so it sees the state
 before or after a change, never half of one; a killed writer's transaction simply never happened.
 The map starts at MAP_SIZE and a writer doubles it when full; readers map READ_MAP_SIZE of address
-space (no disk), so a writer growing the file never invalidates their mapping.
+space (no disk), so a writer growing the file never invalidates their mapping. A writable handle shared
+by threads (`threaded`, as in `serve --allow-writes`) maps READ_MAP_SIZE too: LMDB may remap only while
+the process has no transaction open, which threads reading beside it cannot promise.
 """
 
 import json
@@ -75,9 +77,10 @@ def _id_key(source_id):
 class Store:
     """An LMDB environment holding one index. Open one per process; never share it across fork()."""
 
-    def __init__(self, path, readonly=True):
+    def __init__(self, path, readonly=True, threaded=False):
         self.path = Path(path)
         self.readonly = readonly
+        self.threaded = threaded
         if not (self.path / "data.mdb").is_file():
             raise ESMIndexError(f"{self.path}: not an esm-index index (no data.mdb)")
         self._open(create=False)
@@ -98,7 +101,8 @@ class Store:
         """Open the environment and its named databases (map_size 0: the size the store was left at)."""
         try:
             self.env = lmdb.open(
-                str(self.path), map_size=READ_MAP_SIZE if self.readonly else map_size, max_dbs=len(DATABASES),
+                str(self.path), map_size=READ_MAP_SIZE if self.readonly or self.threaded else map_size,
+                max_dbs=len(DATABASES),
                 readonly=self.readonly, create=create, subdir=True, lock=True, max_readers=256,
             )
         except lmdb.Error as e:
@@ -119,11 +123,17 @@ class Store:
             raise ESMIndexError(f"{path}: exists and is not an empty folder")
         path.mkdir(parents=True, exist_ok=True)
         store = cls.__new__(cls)
-        store.path, store.readonly = path, False
+        store.path, store.readonly, store.threaded = path, False, False
         store._open(create=True, map_size=map_size or MAP_SIZE)
-        with store.begin(write=True) as txn:
-            for key, value in {**meta, "schema_version": SCHEMA_VERSION, "generation": 0, "next_id": 0}.items():
-                store._put_meta(txn, key, value)
+        try:
+            with store.begin(write=True) as txn:
+                for key, value in {**meta, "schema_version": SCHEMA_VERSION, "generation": 0, "next_id": 0}.items():
+                    store._put_meta(txn, key, value)
+        except BaseException:  # e.g. metadata that is not JSON: leave no half-made index behind
+            store.close()
+            for name in ("data.mdb", "lock.mdb"):
+                (path / name).unlink(missing_ok=True)
+            raise
         return store
 
     def close(self):

@@ -1,8 +1,10 @@
 """`esm-index verify`: every stored record, the `ids` table and the saved FAISS prefilter, checked.
 
 A problem breaks queries or makes them wrong; a note is expected and harmless (a stale or missing
-prefilter is rebuilt by the next query). `repair` rebuilds only derived data, the `ids` table and the
-prefilter file, and never deletes a record: a damaged source is reported for the user to remove or add again.
+prefilter is rebuilt by the next query). `repair` rebuilds the `ids` table and the prefilter file, gives a
+record whose id is missing or taken a new one (the only change it makes to records: their maps and texts'
+statistics are untouched), and never deletes a record: a damaged source is reported for the user to
+remove or add again.
 The same record checks guard every write (`check_record`), so what they reject is never stored.
 """
 

@@ -74,8 +74,12 @@ def test_create_refuses_existing_index_and_bad_names(built_index, tiny_model, tm
     with pytest.raises(ESMIndexError, match="already exists"):
         ESMIndex.create(built_index, base_model=str(tiny_model))
     with ESMIndex.create(tmp_path / "new", base_model=str(tiny_model)) as index:
-        with pytest.raises(ESMIndexError, match="invalid source name"):
-            index.add_source("", tmp_path / "x.csv")
+        for bad in ("", "\u4e2d" * 200):  # empty; 200 characters but 600 bytes, beyond an LMDB key
+            with pytest.raises(ESMIndexError, match="invalid source name"):
+                index.add_source(bad, tmp_path / "x.csv")
+    with pytest.raises(ESMIndexError, match="unknown pooling 'bogus'"):
+        ESMIndex.create(tmp_path / "other", base_model="elsewhere/model", dim=8, pooling="bogus")
+    assert not (tmp_path / "other").exists()
     with pytest.raises(ESMIndexError, match="not an esm-index index"):
         ESMIndex.open(tmp_path)
 

@@ -12,7 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 from esm_index import ESMIndex, ESMIndexError
-from esm_index.build import read_sources
+from esm_index.build import BuildSettings, SourceSpec, content_hash, read_sources
 from esm_index.cli import app
 from esm_index.data import read_task
 from esm_index.executors import DaskExecutor, LocalExecutor, make_executor
@@ -169,3 +169,15 @@ def test_killed_build_keeps_committed_sources_and_resumes(tiny_model, tasks, sou
     assert sorted(report["added"] + report["unchanged"]) == good_names(tasks)
     with ESMIndex.open(path, readonly=True) as index:
         assert sorted(index.store.names()) == good_names(tasks)
+
+
+def test_content_hash_sees_a_replaced_finetuned_model(tmp_path):
+    data, model = tmp_path / "task.csv", tmp_path / "model"
+    data.write_text("text,label\na,x\nb,y\n")
+    model.mkdir()
+    (model / "model.safetensors").write_bytes(b"weights one")
+    spec, settings = SourceSpec("s", str(data), finetuned=str(model)), BuildSettings("base", "mean", 8)
+    before = content_hash(spec, settings)
+    assert content_hash(spec, settings) == before
+    (model / "model.safetensors").write_bytes(b"weights two, longer")
+    assert content_hash(spec, settings) != before

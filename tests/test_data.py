@@ -153,3 +153,12 @@ def test_empty_and_non_utf8_files_are_refused(folder):
     latin.write_bytes("text,label\ncaf\xe9 au lait,a\nthé,b\n".encode("latin-1"))
     with pytest.raises(ESMIndexError, match="not UTF-8"):
         read_task(latin)
+
+
+def test_sample_caps_must_be_positive(folder):
+    task = folder / "task.csv"
+    task.write_text("text,label\na,x\nb,y\nc,x\n")
+    assert len(read_task(task, max_examples=2)) == 2
+    for cap in (0, -1, 1.5):
+        with pytest.raises(ESMIndexError, match="max_examples must be a positive integer"):
+            read_task(task, max_examples=cap)

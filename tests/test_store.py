@@ -92,6 +92,15 @@ def test_paths_that_are_not_indexes_are_refused_and_left_alone(tmp_path):
     env.close()
 
 
+def test_a_failed_create_leaves_no_index_behind(tmp_path):
+    from esm_index.store import Store
+
+    with pytest.raises(TypeError):
+        Store.create(tmp_path / "new", {"base_model": "m", "dim": 4, "bad": object()})  # not JSON
+    assert list((tmp_path / "new").iterdir()) == []
+    Store.create(tmp_path / "new", {"base_model": "m", "dim": 4}).close()  # the folder is usable again
+
+
 def test_readonly_index_refuses_every_write(path):
     with ESMIndex.open(path, readonly=True) as index:
         before = snapshot(index.store)
@@ -166,6 +175,22 @@ def test_a_writer_open_before_another_process_grows_the_map_keeps_working(tmp_pa
         assert writer.add_esm("late", esm(1, dim=64)) == "added"  # adopts the grown map, then writes
         assert writer.store.env.info()["map_size"] >= grown
         assert len(writer) == 31 and writer.verify().ok
+
+
+def test_a_threaded_writer_never_remaps_when_another_process_grows_the_file(tmp_path, monkeypatch):
+    """serve --allow-writes: its threads read while it may write, and LMDB can remap only with no
+    transaction open in the process, so the shared handle maps its whole address space up front."""
+    monkeypatch.setattr("esm_index.store.MAP_SIZE", 1 << 16)
+    path = tmp_path / "index"
+    ESMIndex.create(path, base_model="base", dim=64).close()
+    with ESMIndex.open(path, threaded=True) as shared:
+        mapped = shared.store.env.info()["map_size"]
+        with shared.store.begin() as held:  # a reader thread's snapshot stays open throughout
+            subprocess.run([sys.executable, "-c", GROW, str(path)], capture_output=True, text=True, check=True)
+            assert len(shared) == 30  # read beside the held snapshot: no MapResizedError, no remap
+            assert held.stat(shared.store.dbs["sources"])["entries"] == 0
+        assert shared.add_esm("late", esm(1, dim=64)) == "added"
+        assert shared.store.env.info()["map_size"] == mapped and len(shared) == 31 and shared.verify().ok
 
 
 def test_resumable_build_skips_sources_stored_from_the_same_content(tmp_path, tiny_model, tasks):
