@@ -130,8 +130,8 @@ def content_hash(spec, settings):
     if spec.finetuned:
         model = Path(spec.finetuned)
         files = sorted(f for f in model.rglob("*") if f.is_file()) if model.is_dir() else []
-        digest.update(json.dumps([(str(f.relative_to(model)), f.stat().st_size, f.stat().st_mtime_ns)
-                                  for f in files]).encode())
+        stats = [(str(f.relative_to(model)), f.stat()) for f in files]
+        digest.update(json.dumps([(name, stat.st_size, stat.st_mtime_ns) for name, stat in stats]).encode())
     return digest.hexdigest()
 
 

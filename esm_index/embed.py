@@ -47,6 +47,12 @@ def default_pooling(model_dir):
     return "pooler" if config.get("model_type") == "bert" else "cls"
 
 
+def check_pooling(pooling):
+    if pooling not in POOLINGS:
+        raise ESMIndexError(f"unknown pooling {pooling!r} (choose from {', '.join(POOLINGS)})")
+    return pooling
+
+
 def import_torch():
     """torch, loaded after faiss: both bring an OpenMP runtime, and faiss's must come first."""
     import faiss  # noqa: F401
@@ -87,9 +93,7 @@ class Encoder:
         transformers.utils.logging.set_verbosity_error()
 
         model_dir = resolve_model(self.model)
-        pooling = self.pooling or default_pooling(model_dir)
-        if pooling not in POOLINGS:
-            raise ESMIndexError(f"unknown pooling {pooling!r} (choose from {', '.join(POOLINGS)})")
+        pooling = check_pooling(self.pooling or default_pooling(model_dir))
         self.tokenizer_ = AutoTokenizer.from_pretrained(model_dir)
         self.model_ = AutoModel.from_pretrained(model_dir).eval()
         if pooling == "pooler" and getattr(self.model_, "pooler", None) is None:

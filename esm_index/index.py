@@ -6,7 +6,7 @@ import time
 from pathlib import Path
 
 from .build import BuildSettings, SourceSpec, content_hash, esm_record, prepare_source
-from .embed import DEFAULT_BASE_MODEL, POOLINGS, Encoder, default_pooling, resolve_model
+from .embed import DEFAULT_BASE_MODEL, Encoder, check_pooling, default_pooling, resolve_model
 from .errors import ESMIndexError
 from .esm import ESM, check_origin, check_storage, import_name
 from .prefilter import Prefilter, PrefilterConfig
@@ -67,8 +67,7 @@ class ESMIndex:
                 pooling = "mean"  # not loadable here; stated in `info` and overridable
         if not isinstance(dim, int) or dim <= 0:
             raise ESMIndexError(f"the embedding dimension must be a positive integer, got {dim!r}")
-        if pooling not in POOLINGS:
-            raise ESMIndexError(f"unknown pooling {pooling!r} (choose from {', '.join(POOLINGS)})")
+        check_pooling(pooling)
         check_storage(storage)
         meta = {
             "base_model": str(base_model),

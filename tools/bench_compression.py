@@ -46,7 +46,6 @@ from esm_index.embed import set_threads  # noqa: E402
 from esm_index.esm import ESM, STORAGE_FORMS  # noqa: E402
 from esm_index.index import ESMIndex  # noqa: E402
 from esm_index.logme import TargetStats, logme_from_stats  # noqa: E402
-from esm_index.prefilter import normalised_moments  # noqa: E402
 
 TOP = 5
 FLOOR = 1e-13  # added to M / |M|_F before its log (M has rank d of d + 1); far below the prefilter's
@@ -120,10 +119,9 @@ def symmetric_function(S, f):
 def log_residual(step):
     def encode(esms):
         d = esms[0].dim
-        weights, biases = np.stack([e.weight for e in esms]), np.stack([e.bias for e in esms])
-        norms = [np.linalg.norm(augmented(e).T @ augmented(e)) for e in esms]
-        logs = np.stack([symmetric_function(M + FLOOR * np.eye(d + 1), np.log)
-                         for M in normalised_moments(weights, biases)])
+        moments = [Wt.T @ Wt for Wt in map(augmented, esms)]  # the scale too: LogME does not ignore it
+        norms = [np.linalg.norm(M) for M in moments]
+        logs = np.stack([symmetric_function(M / n + FLOOR * np.eye(d + 1), np.log) for M, n in zip(moments, norms)])
         total = logs.sum(0)
         upper = np.triu_indices(d + 1, 1)
         decoded, sizes = [], []
