@@ -111,7 +111,8 @@ def evidence_gradient(X, Y, values, vectors):
     - the fixed point g1 = alpha (m2 + eps) - gamma = 0, g2 = beta (res2 + eps) - (n - gamma) = 0 moves alpha
       and beta with S (implicit function theorem); that adds (dE/dalpha, dE/dbeta) d(alpha, beta)/dS, which
       vanishes when n > d but not when n < d: thuml's evidence has d/2 log alpha for d weights while only
-      k = n eigenvalues enter its log-determinant, (d - k)/2 log alpha beyond the marginal likelihood.
+      min(n, d) eigenvalues (zero or not) enter its log-determinant, (d - n)/2 log alpha beyond the marginal
+      likelihood.
     The pieces are gamma, m2 = y^T S R^2 y and res2 = t^2 y^T R^2 y, with dgamma/dS = t R^2,
     dm2/dS = -R y y^T R + t (R y y^T R^2 + R^2 y y^T R) and dres2/dS = -t^2 (R y y^T R^2 + R^2 y y^T R);
     dE/dM = X~^T dE/dS X~."""
@@ -144,7 +145,9 @@ def evidence_gradient(X, Y, values, vectors):
     jacobian[:, 0, 1] = -(alpha * dm2 - dgamma) * t / beta
     jacobian[:, 1, 0] = dres2 + dgamma / beta
     jacobian[:, 1, 1] = res2 + RIDGE - (beta * dres2 + dgamma) * t / beta
-    e_alpha = max(d, len(s2)) / (2 * alpha) - r.sum(1) / (2 * beta) - m2 / 2
+    weights = max(d, len(s2))  # M0 has rank d + 1, the maps d
+    zeros = min(n, weights) - len(s2)  # rounding-level eigenvalues: log(alpha) each in the log-determinant
+    e_alpha = (weights - zeros) / (2 * alpha) - r.sum(1) / (2 * beta) - m2 / 2
     e_beta = (n - gamma) / (2 * beta) - res2 / 2
     a, b = -np.linalg.solve(np.swapaxes(jacobian, 1, 2), np.stack([e_alpha, e_beta], 1)[..., None])[..., 0].T
 

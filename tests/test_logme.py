@@ -10,16 +10,21 @@ RTOL = 1e-8
 
 
 def reference_logme(F, Y):
-    """thuml/LogME `_fit_fixed_point`, one class at a time, on the SVD of F, with the module's rank cut-off."""
+    """thuml/LogME `_fit_fixed_point` as written there, one class at a time: for n > d the features'
+    singular values from the SVD of F^T F, cut at 1e-10, with u = F v / s; for n <= d the SVD of F, uncut."""
     n, d = F.shape
-    u, s, _ = np.linalg.svd(F, full_matrices=False)
-    s2 = s**2
-    keep = (s > 1e-10) & (s2 > s2.max() * max(n, d) * np.finfo(float).eps)
-    u, sigma = u[:, keep], s2[keep]
+    if n > d:
+        _, s, vh = np.linalg.svd(F.T @ F)
+        s = np.sqrt(s)
+        keep = s > 1e-10
+        u, sigma = (F @ vh.T)[:, keep] / s[keep], s[keep] ** 2
+    else:
+        u, s, _ = np.linalg.svd(F, full_matrices=False)
+        sigma = s**2
     evidences = []
     for y in Y.T:
         x2 = (u.T @ y) ** 2
-        res_x2 = max((y**2).sum() - x2.sum(), 0.0)
+        res_x2 = (y**2).sum() - x2.sum()
         alpha, beta = 1.0, 1.0
         for _ in range(11):
             t = alpha / beta
@@ -113,6 +118,21 @@ def test_degenerate_inputs_agree(case):
         W[:, :, 6:] = 0.0          # F depends on only 6 input dimensions
         W[:, 3] = W[:, 2]          # and two output features coincide
     check_all_paths(X, y, W, b)
+
+
+def test_score_is_continuous_as_a_singular_value_of_the_map_vanishes():
+    """A map's smallest singular value swept from 1e-4 to 1e-9 crosses the rank cut-off: the eigenvalue turns
+    into a counted zero, as thuml keeps it, so the score barely moves (dropping it would jump by log(alpha)/2n)."""
+    rng = np.random.default_rng(7)
+    d = 20
+    X, y = clustered(rng, 150, d, 3)
+    U, _, Vt = np.linalg.svd(rng.standard_normal((d, d + 1)), full_matrices=False)
+    scores = []
+    for smallest in np.geomspace(1e-4, 1e-9, 11):
+        Wt = (U * np.r_[np.ones(d - 1), smallest]) @ Vt
+        check_all_paths(X, y, Wt[None, :, :-1], Wt[None, :, -1])
+        scores.append(logme_from_stats(Wt[None, :, :-1], Wt[None, :, -1], TargetStats.from_embeddings(X, y))[0])
+    assert np.ptp(scores) < 1e-6
 
 
 @pytest.mark.parametrize("n", [5, 18, 19, 20, 21, 22])
