@@ -11,7 +11,8 @@ from real ESMs the same linearisation in M kept 0.78 of the exact top 5 within t
 keeps only its coordinates on the `rank` principal directions of the pool's L (a PCA trained on a seeded
 sample of at most `train_max` sources, as FAISS trains its PCAMatrix or IVF quantiser), and the target's
 query vector is dE/dL on the same directions. For a pool of at most rank + 1 sources the coordinates are
-exact. Only W and b are needed, so imported ESMs without source texts are prefiltered alike.
+exact. Only W and b are needed, so imported ESMs without source texts are prefiltered alike. The first
+pass's `screen` best go on to the second stage (surrogate.py), which picks those rescored exactly.
 
 Everything here is derived data, saved in `prefilter.npz` with the store's generation: the basis, every
 source's coordinates and the FAISS index over them (exhaustive while the pool is small, IVF beyond
@@ -46,6 +47,9 @@ class PrefilterConfig:
     seed: int = 0  # of that sample and of the IVF training sample
     exact_max: int = 50_000  # up to this many sources FAISS searches exhaustively (IndexFlatIP)
     nprobe: int = 64  # IVF lists visited per search beyond exact_max (with 4 sqrt(N) lists)
+    screen: int = 1000  # candidates FAISS passes to the second stage (surrogate.py), at least the budget
+    anchors: int = 32  # of those, rescored exactly to fit the second stage's surrogate
+    local_rank: int = 4  # the surrogate's local coordinates (quadratic in them)
 
     def __post_init__(self):
         for f in fields(self):
@@ -297,15 +301,20 @@ class Prefilter:
         return prefilter
 
     def search(self, X, Y, k):
-        """Ids of the k sources whose linearised evidence for the target (embeddings X, label columns Y)
-        is highest."""
+        """Ids (int64) of the k sources whose linearised evidence for the target (embeddings X, label
+        columns Y) is highest, best first, and that evidence (up to a constant)."""
         if k <= 0:
             raise ESMIndexError(f"the number of candidates must be positive, got {k}")
         if self.index is None or not self.index.ntotal:
-            return []
+            return np.zeros(0, np.int64), np.zeros(0, np.float32)
         query = self.basis.query(X, Y)
-        _, ids = self.index.search(query[None], min(k, self.index.ntotal))
-        return [int(i) for i in ids[0] if i >= 0]
+        scores, ids = self.index.search(query[None], min(k, self.index.ntotal))
+        found = ids[0] >= 0
+        return ids[0][found], scores[0][found]
+
+    def coordinates_of(self, ids):
+        """The stored coordinates (FAISS vectors) of sources by id."""
+        return self.vectors[np.searchsorted(self.ids, ids)]
 
 
 def _moments(store, txn, names):

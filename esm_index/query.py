@@ -1,4 +1,5 @@
-"""Ranking sources for a target: prefilter to candidates, rescore them exactly with ESM-LogME, sort."""
+"""Ranking sources for a target: prefilter (FAISS screen, then the surrogate's choice) to candidates,
+rescore them exactly with ESM-LogME, sort."""
 
 import time
 from dataclasses import asdict, dataclass, field
@@ -8,6 +9,8 @@ import numpy as np
 from .errors import ESMIndexError
 from .esm import ESM
 from .logme import TargetStats, encode_labels, logme_from_stats
+from .prefilter import PrefilterConfig
+from .surrogate import select
 
 DEFAULT_CANDIDATES = 200  # exactly rescored; pools up to this size are always scanned exactly
 RESCORE_BATCH = 64
@@ -64,14 +67,17 @@ def check_target(X, labels, dim):
     return X.astype(np.float64), labels
 
 
-def prefiltered(store, txn, prefilter, X, labels, regression, candidates, timings):
-    """The `candidates` sources worth exact rescoring: the FAISS search for those whose linearised
-    evidence for the target is highest (see prefilter.py)."""
-    started = time.perf_counter()
-    ids = prefilter.search(X, encode_labels(labels, regression), candidates)
-    names = [n for n in (store.name_of(i, txn) for i in ids) if n is not None]
-    timings["prefilter"] = time.perf_counter() - started
-    return names
+def prefiltered(store, txn, prefilter, X, Y, budget, rescore, config):
+    """The `budget` sources chosen for exact rescoring and their scores: FAISS screens the sources whose
+    linearised evidence for the target is highest (prefilter.py), the surrogate picks among them
+    (surrogate.py). Sources removed since the prefilter was built drop out."""
+    ids, first_pass = prefilter.search(X, Y, max(config.screen, budget))
+    names = [store.name_of(int(i), txn) for i in ids]
+    present = np.array([n is not None for n in names], bool)
+    ids, first_pass, names = ids[present], first_pass[present], [n for n in names if n is not None]
+    chosen, scores = select(first_pass, prefilter.coordinates_of(ids), budget,
+                            lambda picks: rescore([names[i] for i in picks]), config.anchors, config.local_rank)
+    return [names[i] for i in chosen], scores
 
 
 def rank(store, prefilter, X, labels, regression=False, top_k=10, candidates=DEFAULT_CANDIDATES, timings=None):
@@ -91,21 +97,28 @@ def rank(store, prefilter, X, labels, regression=False, top_k=10, candidates=DEF
 
     with store.begin() as txn:  # one snapshot for the whole query
         pool = txn.stat(store.dbs["sources"])["entries"]
-        if candidates in (None, "all") or candidates >= pool:
+        rescoring = 0.0
+
+        def rescore(names):
+            nonlocal rescoring
             started = time.perf_counter()
-            names = store.names(txn)
-            timings["prefilter"] = time.perf_counter() - started
-        else:
-            names = prefiltered(store, txn, prefilter, X, labels, regression, candidates, timings)
+            scores = [np.zeros(0)]
+            for start in range(0, len(names), RESCORE_BATCH):
+                esms = [ESM.from_arrays(r.arrays) for r in store.records(names[start : start + RESCORE_BATCH], txn)]
+                scores.append(logme_from_stats([e.weight for e in esms], [e.bias for e in esms], stats))
+            rescoring += time.perf_counter() - started
+            return np.concatenate(scores)
 
         started = time.perf_counter()
-        scores = []
-        for start in range(0, len(names), RESCORE_BATCH):
-            esms = [ESM.from_arrays(r.arrays) for r in store.records(names[start : start + RESCORE_BATCH], txn)]
-            scores.append(logme_from_stats([e.weight for e in esms], [e.bias for e in esms], stats))
-        timings["rescore"] = time.perf_counter() - started
+        if candidates in (None, "all") or candidates >= pool:
+            names = store.names(txn)
+            scores = rescore(names)
+        else:
+            names, scores = prefiltered(store, txn, prefilter, X, encode_labels(labels, regression), candidates,
+                                        rescore, PrefilterConfig.from_meta(meta["prefilter"]))
+        timings["prefilter"] = time.perf_counter() - started - rescoring
+        timings["rescore"] = rescoring
 
-    scores = np.concatenate(scores) if scores else np.zeros(0)
     finite = np.isfinite(scores)
     order = [i for i in np.argsort(-np.where(finite, scores, -np.inf), kind="stable") if finite[i]][:top_k]
     results = [Result(r + 1, names[i], float(scores[i])) for r, i in enumerate(order)]

@@ -1,7 +1,10 @@
 """Shared fixtures: a tiny real BERT saved to disk, small labelled task files, a small built index."""
 
 import csv
+import importlib.util
 import os
+import sys
+from pathlib import Path
 
 import faiss  # noqa: F401  (faiss before torch: both bring OpenMP)
 import numpy as np
@@ -17,6 +20,16 @@ WORDS = {
     "weather": "rain snow wind storm cloud sun fog hail frost heat".split(),
 }
 FILLER = "the a of and to in is it that with".split()
+TOOLS = Path(__file__).resolve().parents[1] / "tools"
+
+
+def load_tool(name):
+    """Import tools/NAME.py as a module (tools/ is not a package), registered under NAME."""
+    spec = importlib.util.spec_from_file_location(name, TOOLS / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 @pytest.fixture(scope="session")

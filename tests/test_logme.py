@@ -1,45 +1,14 @@
-"""LogME: the fast paths against a plain SVD-based reference written out below, thuml-style."""
+"""LogME: the fast paths against thuml's code path as published (tools/bench_logme.py's reference)."""
 
 import numpy as np
 import pytest
+from conftest import load_tool
 
 from esm_index.errors import ESMIndexError
 from esm_index.logme import TargetStats, encode_labels, logme_from_stats, logme_score
 
 RTOL = 1e-8
-
-
-def reference_logme(F, Y):
-    """thuml/LogME `_fit_fixed_point` as written there, one class at a time: for n > d the features'
-    singular values from the SVD of F^T F, cut at 1e-10, with u = F v / s; for n <= d the SVD of F, uncut."""
-    n, d = F.shape
-    if n > d:
-        _, s, vh = np.linalg.svd(F.T @ F)
-        s = np.sqrt(s)
-        keep = s > 1e-10
-        u, sigma = (F @ vh.T)[:, keep] / s[keep], s[keep] ** 2
-    else:
-        u, s, _ = np.linalg.svd(F, full_matrices=False)
-        sigma = s**2
-    evidences = []
-    for y in Y.T:
-        x2 = (u.T @ y) ** 2
-        res_x2 = (y**2).sum() - x2.sum()
-        alpha, beta = 1.0, 1.0
-        for _ in range(11):
-            t = alpha / beta
-            gamma = (sigma / (sigma + t)).sum()
-            m2 = (sigma * x2 / ((t + sigma) ** 2)).sum()
-            res2 = (x2 / ((1 + sigma / t) ** 2)).sum() + res_x2
-            alpha = gamma / (m2 + 1e-5)
-            beta = (n - gamma) / (res2 + 1e-5)
-            t_ = alpha / beta
-            if abs(t_ - t) / t <= 1e-3:
-                break
-        evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - 0.5 * np.sum(np.log(alpha + beta * sigma))
-                    - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi))
-        evidences.append(evidence / n)
-    return float(np.mean(evidences))
+reference_logme = load_tool("bench_logme").reference_logme
 
 
 def random_esms(rng, K, d, noise=0.3):

@@ -10,21 +10,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+from conftest import load_tool
 
 ROOT = Path(__file__).resolve().parents[1]
 TOOL = ROOT / "tools" / "make_tasks.py"
 
-
-def load_tool():
-    """Import tools/make_tasks.py as a module (tools/ is not a package)."""
-    spec = importlib.util.spec_from_file_location("make_tasks", TOOL)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["make_tasks"] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-mt = load_tool()
+mt = load_tool("make_tasks")
 
 
 def missing_corpora() -> list[str]:

@@ -14,14 +14,21 @@ measures the code. Peak memory comes from a separate tracemalloc pass (numpy rep
 
     python tools/bench_logme.py            # d 384 768, n 1000 10000, 200 ESMs (20 ref, 48 floor)
     python tools/bench_logme.py --quick    # d 384, n 1000, 24 ESMs (6 ref, 6 floor)
+    python tools/bench_logme.py --real indexes/default   # agreement only, on real ESMs and target tasks
+
+Random maps are full rank; real fine-tuned ESMs are not quite (MiniLM's are rank-deficient by 2-3), which
+is where a rank cut-off can part from thuml's: --real checks the stats path against the reference on an
+index's real ESMs and the target tasks of --tasks (600 base embeddings each, cached under --cache).
     taskset -c 0 python tools/bench_logme.py --threads 1   # every method on one core
 """
 
 import argparse
 import os
+import sys
 import time
 import tracemalloc
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 import numpy as np
 from threadpoolctl import threadpool_limits
@@ -44,7 +51,8 @@ def make_esms(rng, K, d):
 
 
 def reference_logme(F, Y):
-    """thuml/LogME _fit_fixed_point as published: truncated_svd when n > d, then a loop per class."""
+    """thuml/LogME _fit_fixed_point as published: truncated_svd when n > d, then a loop per class (also
+    the reference tests/test_logme.py checks every fast path against)."""
     n, d = F.shape
     if n > d:
         _, s2, vh = np.linalg.svd(F.T @ F)
@@ -152,6 +160,25 @@ COLUMNS = [  # header, format of the value
 ]
 
 
+def agreement_on_real(index, tasks, cache):
+    """Per target task: the largest |stats - reference| over the index's real ESMs, and whether both
+    give the same top 5."""
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_query import targets
+    from pool import load_real
+
+    names, W, b, base_model = load_real(index)
+    print(f"{len(names)} real ESMs of {index} (d={W.shape[1]}), float64")
+    print("| target | n | max abs diff | max rel diff | same top 5 |\n|---|---|---|---|---|")
+    for name, (X, labels) in targets(tasks, cache / "targets", base_model).items():
+        Y = encode_labels(labels, regression=False)
+        fast = logme_from_stats(W, b, TargetStats.from_embeddings(X, labels))
+        ref = np.array([reference_logme(X @ w.T.astype(np.float64) + c, Y) for w, c in zip(W, b)])
+        same = set(np.argsort(-fast)[:5]) == set(np.argsort(-ref)[:5])
+        print(f"| {name} | {len(X)} | {np.abs(fast - ref).max():.1e} | {np.max(np.abs(fast - ref) / np.abs(ref)):.1e} "
+              f"| {'yes' if same else 'no'} |", flush=True)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dims", type=int, nargs="+", default=[384, 768])
@@ -163,7 +190,13 @@ def main():
     p.add_argument("--batch-size", type=int, default=64, help="logme_from_stats batch, and ESMs per round")
     p.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)), help="BLAS / worker threads")
     p.add_argument("--quick", action="store_true", help="d 384, n 1000, 24 ESMs, 6 for the reference and floor")
+    p.add_argument("--real", type=Path, help="only check agreement on this index's real ESMs (or ESM folders)")
+    p.add_argument("--tasks", type=Path, default=Path("data/tasks"), help="target tasks for --real")
+    p.add_argument("--cache", type=Path, default=Path("data/bench"), help="where --real caches their embeddings")
     args = p.parse_args()
+    if args.real:
+        with threadpool_limits(args.threads):
+            return agreement_on_real(args.real, args.tasks, args.cache)
     if args.quick:
         args.dims, args.ns, args.batch_size = [384], [1000], 8
         args.esms, args.ref_esms, args.floor_esms = 24, 6, 6

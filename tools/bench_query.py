@@ -8,15 +8,19 @@ its docstring). For each pool size N, in a fresh process (so peak memory is that
              with their build times (the coordinates of 10^5 maps take ~35 CPU-minutes).
   per target, from precomputed base embeddings of its texts, --repeats times (p50 and p90 reported):
     statistics  TargetStats (A, B) of the target
-    prefilter   the target's query vector (the evidence gradient on the basis) and the FAISS search
-    rescore     exact ESM-LogME of the candidates
+    prefilter   the target's query vector (the evidence gradient on the basis), the FAISS screen of
+                max(screen, K) sources and the second stage's choice of K among them (surrogate.py),
+                without the exact scores it asks for, which count as rescoring
+    rescore     exact ESM-LogME of the K candidates (the surrogate's anchors included)
     query       the sum of the three; `+embed` adds embedding the target's texts with the base model
                 (timed once per run on the first target).
     materialise rebuilding the candidates' maps from the compact pool, timed apart and not in `query`:
                 an index reads them from LMDB instead (see `lmdb` below).
   exact      the full scan of the same pool: ESM-LogME of all N maps, for --scan-targets targets; scores
              are cached under --cache in chunks (resumable; a resumed scan reports the time summed over
-             its runs). recall@k = share of the scan's top k among the FAISS top K.
+             its runs). recall@k at K = share of the scan's top k among the K sources rescored exactly:
+             as the index chooses them (FAISS screen, then the surrogate, its anchors' exact scores
+             taken from the scan), and ", first pass" the FAISS top K alone.
   lmdb       for N <= --index-max, the same pool written to a real index and queried end to end with
              ESMIndex.query_embeddings (LMDB reads and all): p50 of its total.
 
@@ -48,6 +52,7 @@ from esm_index.evaluate import recall_at_k  # noqa: E402
 from esm_index.logme import TargetStats, encode_labels, logme_from_stats  # noqa: E402
 from esm_index.prefilter import Basis, Prefilter, PrefilterConfig, faiss_index, log_moments  # noqa: E402
 from esm_index.query import DEFAULT_CANDIDATES  # noqa: E402
+from esm_index.surrogate import select  # noqa: E402
 
 RECALL_K = (5, 10)
 CANDIDATES = (10, 20, 50, 100, 200)
@@ -151,29 +156,38 @@ def run_size(args, size):
         X, labels = data[name]
         Y = encode_labels(labels, False)
         for _ in range(args.repeats):
-            times = {}
+            times = dict.fromkeys(("materialise", "rescore"), 0.0)
             started = time.perf_counter()
             stats = TargetStats.from_embeddings(X, labels)
             times["statistics"] = time.perf_counter() - started
+
+            def rescore(picks):
+                started = time.perf_counter()
+                W, b = pool.materialise(ids[picks])
+                times["materialise"] += time.perf_counter() - started
+                started = time.perf_counter()
+                scores = logme_from_stats(W, b, stats)
+                times["rescore"] += time.perf_counter() - started
+                return scores
+
             started = time.perf_counter()
-            candidates = np.asarray(prefilter.search(X, Y, args.candidates))
-            times["prefilter"] = time.perf_counter() - started
-            started = time.perf_counter()
-            W, b = pool.materialise(candidates)
-            times["materialise"] = time.perf_counter() - started
-            started = time.perf_counter()
-            logme_from_stats(W, b, stats)
-            times["rescore"] = time.perf_counter() - started
+            ids, first_pass = prefilter.search(X, Y, max(config.screen, args.candidates))
+            select(first_pass, prefilter.coordinates_of(ids), args.candidates, rescore, config.anchors, config.local_rank)
+            times["prefilter"] = time.perf_counter() - started - times["materialise"] - times["rescore"]
             times["query"] = sum(times[k] for k in ("statistics", "prefilter", "rescore"))
             for key, value in times.items():
                 latency.setdefault(key, []).append(value)
         if t < args.scan_targets and size <= args.scan_max:
             scores, seconds = exact_scan(pool, X, labels, work / f"scan-{name}.npz")
             latency.setdefault("exact_scan", []).append(seconds)
-            ranked = np.asarray(prefilter.search(X, Y, max(CANDIDATES)))
-            for k in RECALL_K:
-                for K in CANDIDATES:
-                    recall.setdefault(f"r@{k} K={K}", []).append(recall_at_k(scores, ranked[:K], k))
+            ids, first_pass = prefilter.search(X, Y, max(config.screen, *CANDIDATES))
+            coordinates = prefilter.coordinates_of(ids)
+            for K in CANDIDATES:
+                chosen, _ = select(first_pass, coordinates, K, lambda picks: scores[ids[picks]],
+                                   config.anchors, config.local_rank)
+                for k in RECALL_K:
+                    recall.setdefault(f"r@{k} K={K}", []).append(recall_at_k(scores, ids[chosen], k))
+                    recall.setdefault(f"r@{k} K={K}, first pass", []).append(recall_at_k(scores, ids[:K], k))
         print(f"  {size}: {name} done", file=sys.stderr, flush=True)
     out["latency_p50"] = {k: float(np.median(v)) for k, v in latency.items()}
     out["latency_p90"] = {k: float(np.percentile(v, 90)) for k, v in latency.items()}
@@ -221,7 +235,8 @@ def report(results, embed):
             + (f" | {scan:.0f} s | {scan / p50['query']:.0f}x" if scan else " | - | -")
             + (f" | {r['lmdb_query_p50'] * 1000:.0f} ms" if "lmdb_query_p50" in r else " | -")
             + f" | {r['peak_rss_bytes'] / 2**20:.0f} MiB | {r['prefilter_file_bytes'] / 2**20:.1f} MiB |")
-    keys = sorted({k for r in results for k in r["recall"]}, key=lambda k: (k.split()[0], int(k.split("=")[1])))
+    keys = sorted({k for r in results for k in r["recall"]},
+                  key=lambda k: (k.split()[0], "first pass" in k, int(k.split("=")[1].split(",")[0])))
     if keys:
         lines += ["", "| recall (mean over scanned targets) | " + " | ".join(f"N={r['size']:,}" for r in results)
                   + " |", "|---|" + "---|" * len(results)]

@@ -1,0 +1,90 @@
+"""The second stage: which screened candidates get the exact rescoring budget."""
+
+import numpy as np
+import pytest
+from test_prefilter import index_of, structured_maps, target
+
+from esm_index.evaluate import recall_at_k
+from esm_index.prefilter import PrefilterConfig
+from esm_index.surrogate import farthest_points, local_coordinates, select
+
+
+def curved_region(count=600, seed=0):
+    """Candidates whose exact score peaks inside their region (along its two widest directions), ordered
+    by a first pass that sees only the slope: what the linearised evidence gives near the best sources."""
+    rng = np.random.default_rng(seed)
+    coordinates = rng.standard_normal((count, 12)) * np.r_[3.0, 2.5, np.full(10, 0.3)]
+    exact = -((coordinates[:, 0] - 2.0) ** 2) - (coordinates[:, 1] + 1.5) ** 2 + 0.1 * coordinates[:, 2]
+    first_pass = 4.0 * coordinates[:, 0] - 3.0 * coordinates[:, 1] + rng.normal(0, 1.0, count)
+    order = np.argsort(-first_pass)
+    return first_pass[order], coordinates[order], exact[order]
+
+
+class Rescorer:
+    """rescore() over a known score vector, counting what it is asked."""
+
+    def __init__(self, scores):
+        self.scores, self.asked = scores, []
+
+    def __call__(self, picks):
+        self.asked.extend(np.asarray(picks).tolist())
+        return self.scores[picks]
+
+
+def test_the_surrogate_finds_a_curved_optimum_the_first_pass_misses():
+    first_pass, coordinates, exact = curved_region()
+    rescore = Rescorer(exact)
+    chosen, scores = select(first_pass, coordinates, 100, rescore)
+    assert recall_at_k(exact, np.arange(100), 5) < 0.5  # the first pass's own top 100
+    assert recall_at_k(exact, chosen, 5) == 1.0
+    assert len(chosen) == 100 and len(set(chosen.tolist())) == 100
+    np.testing.assert_array_equal(scores, exact[chosen])  # every score returned is exact
+    assert sorted(rescore.asked) == sorted(chosen.tolist())  # and nothing else was rescored
+
+
+def test_all_candidates_are_rescored_when_they_fit_the_budget():
+    first_pass, coordinates, exact = curved_region(50)
+    chosen, scores = select(first_pass, coordinates, 50, Rescorer(exact))
+    np.testing.assert_array_equal(chosen, np.arange(50))
+    np.testing.assert_array_equal(scores, exact)
+
+
+def test_a_budget_too_small_for_the_surrogate_keeps_the_first_pass_order():
+    first_pass, coordinates, exact = curved_region()
+    chosen, _ = select(first_pass, coordinates, 20, Rescorer(exact))  # 10 anchors < 16 coefficients
+    np.testing.assert_array_equal(chosen, np.arange(20))
+
+
+def test_anchors_without_a_finite_score_are_left_out_of_the_fit():
+    first_pass, coordinates, exact = curved_region()
+    broken = exact.copy()
+    broken[farthest_points(local_coordinates(coordinates, 4), 32)[::2]] = np.nan  # half the anchors fail
+    chosen, scores = select(first_pass, coordinates, 100, Rescorer(broken))
+    assert len(set(chosen.tolist())) == 100 and np.isnan(scores).sum() == 16
+    assert recall_at_k(exact, chosen, 5) == 1.0  # 16 anchors still fit it
+
+
+def test_anchors_spread_from_the_first_pass_best():
+    points = np.array([[0.0, 0.0], [0.1, 0.0], [5.0, 0.0], [0.0, 4.0], [2.0, 2.0]])
+    np.testing.assert_array_equal(farthest_points(points, 3), [0, 2, 3])
+    assert np.allclose(local_coordinates(points, 2).std(0), 1.0)
+    assert np.allclose(local_coordinates(np.ones((5, 3)), 2), 0.0)  # no spread: zeros, not NaN
+
+
+def test_queries_spend_the_budget_through_the_surrogate(tmp_path):
+    W, b = structured_maps(80)
+    X, labels = target()
+    with index_of(tmp_path / "index", W, b, screen=60, anchors=20, local_rank=2) as index:
+        full = {r.source: r.score for r in index.query_embeddings(X, labels, top_k=80, candidates=None)}
+        ranking = index.query_embeddings(X, labels, top_k=5, candidates=40)
+        assert ranking.candidates == 40 and ranking.pool == 80
+        assert [r.source for r in ranking] == sorted(full, key=full.get, reverse=True)[:5]
+        for result in ranking:
+            assert result.score == pytest.approx(full[result.source], rel=1e-9)
+        assert index.meta["prefilter"]["screen"] == 60
+
+
+@pytest.mark.parametrize("setting", ["screen", "anchors", "local_rank"])
+def test_second_stage_settings_are_checked(setting):
+    with pytest.raises(Exception, match=setting):
+        PrefilterConfig(**{setting: 0})
