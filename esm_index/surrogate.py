@@ -22,10 +22,9 @@ RIDGE = 0.1  # on standardised features: keeps the fit stable when anchors nearl
 def select(first_pass, coordinates, budget, rescore, anchors=32, local_rank=4):
     """Indices into the screened candidates (first_pass: their first-pass scores, best first; coordinates:
     their prefilter vectors) chosen for exact rescoring, and their exact scores: all of them if they fit the
-    budget, else `anchors` spread ones and the surrogate's best of the rest, `budget` in all. With a budget
-    too small to fit the surrogate (half of it fewer anchors than it has coefficients) it keeps the first
-    pass's order.
-    rescore(indices) returns exact scores (NaN where not finite)."""
+    budget, else `anchors` spread ones and the surrogate's best of the rest, `budget` in all. When half the
+    budget is fewer anchors than the surrogate has coefficients (16 at local_rank 4), the first pass's order
+    decides. rescore(indices) returns exact scores (NaN where not finite)."""
     count = len(first_pass)
     if count <= budget:
         chosen = np.arange(count)
@@ -66,10 +65,12 @@ def quadratic_features(first_pass, local):
 
 
 def farthest_points(points, count):
-    """`count` row indices of points, each the farthest from those before it, starting from row 0."""
+    """`count` distinct row indices of points, each the farthest from those before it, starting from row 0
+    (ties, coincident points included, go to the lowest row)."""
     chosen = [0]
     distance = np.linalg.norm(points - points[0], axis=1)
     while len(chosen) < count:
+        distance[chosen[-1]] = -np.inf
         chosen.append(int(np.argmax(distance)))
         distance = np.minimum(distance, np.linalg.norm(points - points[chosen[-1]], axis=1))
     return np.array(chosen)

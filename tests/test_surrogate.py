@@ -69,6 +69,14 @@ def test_anchors_spread_from_the_first_pass_best():
     np.testing.assert_array_equal(farthest_points(points, 3), [0, 2, 3])
     assert np.allclose(local_coordinates(points, 2).std(0), 1.0)
     assert np.allclose(local_coordinates(np.ones((5, 3)), 2), 0.0)  # no spread: zeros, not NaN
+    np.testing.assert_array_equal(farthest_points(np.zeros((6, 2)), 4), [0, 1, 2, 3])  # never twice
+
+
+def test_identical_candidates_are_each_rescored_once():
+    first_pass = np.linspace(1.0, 0.0, 100)
+    chosen, scores = select(first_pass, np.ones((100, 8)), 40, Rescorer(np.arange(100.0)))
+    assert len(set(chosen.tolist())) == 40
+    np.testing.assert_array_equal(scores, chosen)
 
 
 def test_queries_spend_the_budget_through_the_surrogate(tmp_path):
