@@ -120,7 +120,7 @@ class ESMIndex:
             "sources": len(self.store),
             "generation": meta["generation"],
             "schema_version": meta["schema_version"],
-            "prefilter": meta["prefilter"],
+            "prefilter": vars(PrefilterConfig.from_meta(meta["prefilter"])),  # as queries use them
             "created": meta["created"],
             "disk_bytes": disk_bytes(self.path),
         }

@@ -89,10 +89,15 @@ def test_queries_spend_the_budget_through_the_surrogate(tmp_path):
         assert [r.source for r in ranking] == sorted(full, key=full.get, reverse=True)[:5]
         for result in ranking:
             assert result.score == pytest.approx(full[result.source], rel=1e-9)
-        assert index.meta["prefilter"]["screen"] == 60
+        assert index.meta["prefilter"]["screen"] == 60 and index.info()["prefilter"]["anchors"] == 20
 
 
 @pytest.mark.parametrize("setting", ["screen", "anchors", "local_rank"])
 def test_second_stage_settings_are_checked(setting):
     with pytest.raises(Exception, match=setting):
         PrefilterConfig(**{setting: 0})
+
+
+def test_indexes_made_before_the_second_stage_get_its_defaults():
+    config = PrefilterConfig.from_meta({"rank": 64, "train_max": 2048, "seed": 0, "exact_max": 50000, "nprobe": 64})
+    assert (config.screen, config.anchors, config.local_rank) == (1000, 32, 4)

@@ -26,6 +26,8 @@ its docstring). For each pool size N, in a fresh process (so peak memory is that
 
     python tools/bench_query.py indexes/default --sizes 1000 10000 100000 [--scan-targets 4] [--json out.json]
     python tools/bench_query.py REAL --sizes 1000 --quick     # 2 targets, 1 repeat: a smoke run
+    python tools/bench_query.py REAL --sizes 1000 --seed 1 --screen 500 --anchors 24 --local-rank 3
+                                  # another derived pool, other second-stage settings (the build is reused)
 
 REAL is an index folder or a folder of ESM folders; targets are the "target" tasks of --tasks.
 """
@@ -117,7 +119,7 @@ def pool_folder(cache, names, size, seed):
 def run_size(args, size):
     """Everything measured for one pool size; returns a JSON-able dict."""
     faiss.omp_set_num_threads(args.threads)
-    config = PrefilterConfig()
+    config = PrefilterConfig(screen=args.screen, anchors=args.anchors, local_rank=args.local_rank)
     names, weights, biases, base_model = load_real(args.real)
     pool = DerivedPool.derive(names, weights, biases, size, seed=args.seed)
     dim = weights.shape[1]
@@ -260,7 +262,11 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--index-max", type=int, default=1000, help="largest N also queried as a real index")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ESM_INDEX_THREADS", 2)))
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=0, help="of the derived pool")
+    default = PrefilterConfig()
+    parser.add_argument("--screen", type=int, default=default.screen, help="second stage: FAISS candidates")
+    parser.add_argument("--anchors", type=int, default=default.anchors, help="second stage: exactly scored anchors")
+    parser.add_argument("--local-rank", type=int, default=default.local_rank, help="second stage: local directions")
     parser.add_argument("--quick", action="store_true", help="2 targets, 1 repeat, 1 scan, no embedding timing")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size, JSON to stdout
@@ -281,7 +287,8 @@ def main():
         done = subprocess.run(child, check=True, stdout=subprocess.PIPE, text=True)
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     load = os.getloadavg()[0]
-    print(f"load average at end: {load:.1f} ({os.cpu_count()} cores)")
+    print(f"load average at end: {load:.1f} ({os.cpu_count()} cores); latency at K = {args.candidates}; second "
+          f"stage: screen {args.screen}, anchors {args.anchors}, local rank {args.local_rank}")
     print(report(results, embed))
     if args.json:
         args.json.write_text(json.dumps({"embed_seconds": embed, "results": results}, indent=2) + "\n")
