@@ -12,7 +12,7 @@ keeps only its coordinates on the `rank` principal directions of the pool's L (a
 sample of at most `train_max` sources, as FAISS trains its PCAMatrix or IVF quantiser), and the target's
 query vector is dE/dL on the same directions. For a pool of at most rank + 1 sources the coordinates are
 exact. Only W and b are needed, so imported ESMs without source texts are prefiltered alike. The first
-pass's `screen` best go on to the second stage (surrogate.py), which picks those rescored exactly.
+pass's best 30 sqrt(N) go on to the second stage (surrogate.py), which picks those rescored exactly.
 
 Everything here is derived data, saved in `prefilter.npz` with the store's generation: the basis, every
 source's coordinates and the FAISS index over them (exhaustive while the pool is small, IVF beyond
@@ -21,6 +21,7 @@ dropping removed ones; the basis is retrained when the pool has doubled since it
 was trained on `train_max` sources).
 """
 
+import math
 import os
 import tempfile
 from dataclasses import dataclass, fields
@@ -47,15 +48,24 @@ class PrefilterConfig:
     seed: int = 0  # of that sample and of the IVF training sample
     exact_max: int = 50_000  # up to this many sources FAISS searches exhaustively (IndexFlatIP)
     nprobe: int = 64  # IVF lists visited per search beyond exact_max (with 4 sqrt(N) lists)
-    screen: int = 1000  # candidates FAISS passes to the second stage (surrogate.py), at least the budget
-    anchors: int = 32  # of those, rescored exactly to fit the second stage's surrogate
+    screen: float = 30.0  # FAISS passes screen * sqrt(N) candidates (at least the budget) to the second stage
+    anchors: int = 48  # of those, rescored exactly to fit the second stage's surrogate (surrogate.py)
     local_rank: int = 4  # the surrogate's local coordinates (quadratic in them)
 
     def __post_init__(self):
         for f in fields(self):
             value, least = getattr(self, f.name), 0 if f.name in ("seed", "exact_max") else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+            if f.name == "screen":
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                    raise ESMIndexError(f"prefilter setting 'screen' must be a positive number, got {value!r}")
+            elif not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ESMIndexError(f"prefilter setting {f.name!r} must be an integer >= {least}, got {value!r}")
+
+    def screened(self, pool, budget):
+        """How many candidates FAISS passes to the second stage for a pool of `pool` sources: screen * sqrt(N),
+        because the first pass ranks a dense pool's best ever deeper (at 200-1,500 of 10^4 and 1,800-10,000
+        of 10^5 derived maps), and at least the budget."""
+        return max(round(self.screen * math.sqrt(pool)), budget)
 
     @classmethod
     def from_meta(cls, settings):

@@ -71,7 +71,7 @@ def prefiltered(store, txn, prefilter, X, Y, budget, rescore, config):
     """The `budget` sources chosen for exact rescoring and their scores: FAISS screens the sources whose
     linearised evidence for the target is highest (prefilter.py), the surrogate picks among them
     (surrogate.py). Sources removed since the prefilter was built drop out."""
-    ids, first_pass = prefilter.search(X, Y, max(config.screen, budget))
+    ids, first_pass = prefilter.search(X, Y, config.screened(len(prefilter.ids), budget))
     names = [store.name_of(int(i), txn) for i in ids]
     present = np.array([n is not None for n in names], bool)
     ids, first_pass, names = ids[present], first_pass[present], [n for n in names if n is not None]

@@ -6,7 +6,7 @@ first pass orders the sources inside that region poorly: on a pool derived from 
 exact top 5 at 200-1,500 of 10,000. Its gradient at the region's centre is no help either (it ranks the
 region worse still), while a quadratic in a few local coordinates, fitted to exact scores, orders it well.
 
-How. FAISS screens `screen` candidates. Their prefilter coordinates, centred, are reduced to their
+How. FAISS screens `screen` sqrt(N) candidates. Their prefilter coordinates, centred, are reduced to their
 `local_rank` principal directions (standardised): the region's own shape. `anchors` candidates spread over
 it (farthest-point sampling from the first pass's best) are rescored exactly, a quadratic in the local
 coordinates plus the first-pass score is fitted to them by ridge regression, and the rest of the budget
@@ -19,7 +19,7 @@ import numpy as np
 RIDGE = 0.1  # on standardised features: keeps the fit stable when anchors nearly line up
 
 
-def select(first_pass, coordinates, budget, rescore, anchors=32, local_rank=4):
+def select(first_pass, coordinates, budget, rescore, anchors=48, local_rank=4):
     """Indices into the screened candidates (first_pass: their first-pass scores, best first; coordinates:
     their prefilter vectors) chosen for exact rescoring, and their exact scores: all of them if they fit the
     budget, else `anchors` spread ones and the surrogate's best of the rest, `budget` in all. When half the

@@ -82,22 +82,30 @@ def test_identical_candidates_are_each_rescored_once():
 def test_queries_spend_the_budget_through_the_surrogate(tmp_path):
     W, b = structured_maps(80)
     X, labels = target()
-    with index_of(tmp_path / "index", W, b, screen=60, anchors=20, local_rank=2) as index:
+    with index_of(tmp_path / "index", W, b, screen=6.5, anchors=20, local_rank=2) as index:
         full = {r.source: r.score for r in index.query_embeddings(X, labels, top_k=80, candidates=None)}
         ranking = index.query_embeddings(X, labels, top_k=5, candidates=40)
         assert ranking.candidates == 40 and ranking.pool == 80
         assert [r.source for r in ranking] == sorted(full, key=full.get, reverse=True)[:5]
         for result in ranking:
             assert result.score == pytest.approx(full[result.source], rel=1e-9)
-        assert index.meta["prefilter"]["screen"] == 60 and index.info()["prefilter"]["anchors"] == 20
+        assert index.meta["prefilter"]["screen"] == 6.5 and index.info()["prefilter"]["anchors"] == 20
 
 
-@pytest.mark.parametrize("setting", ["screen", "anchors", "local_rank"])
-def test_second_stage_settings_are_checked(setting):
+@pytest.mark.parametrize("setting, value", [("screen", 0), ("screen", -1.0), ("screen", "30"), ("screen", True),
+                                            ("anchors", 0), ("local_rank", 0), ("local_rank", 2.5)])
+def test_second_stage_settings_are_checked(setting, value):
     with pytest.raises(Exception, match=setting):
-        PrefilterConfig(**{setting: 0})
+        PrefilterConfig(**{setting: value})
+
+
+def test_the_screen_grows_as_the_root_of_the_pool_and_covers_the_budget():
+    config = PrefilterConfig(screen=30.0)
+    assert config.screened(10_000, 100) == 3000
+    assert config.screened(100_000, 100) == 9487
+    assert config.screened(100, 500) == 500
 
 
 def test_indexes_made_before_the_second_stage_get_its_defaults():
     config = PrefilterConfig.from_meta({"rank": 64, "train_max": 2048, "seed": 0, "exact_max": 50000, "nprobe": 64})
-    assert (config.screen, config.anchors, config.local_rank) == (1000, 32, 4)
+    assert (config.screen, config.anchors, config.local_rank) == (30.0, 48, 4)

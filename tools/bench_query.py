@@ -9,7 +9,7 @@ its docstring). For each pool size N, in a fresh process (so peak memory is that
   per target, from precomputed base embeddings of its texts, --repeats times (p50 and p90 reported):
     statistics  TargetStats (A, B) of the target
     prefilter   the target's query vector (the evidence gradient on the basis), the FAISS screen of
-                max(screen, K) sources and the second stage's choice of K among them (surrogate.py),
+                PrefilterConfig.screened(N, K) sources and the second stage's choice of K among them,
                 without the exact scores it asks for, which count as rescoring
     rescore     exact ESM-LogME of the K candidates (the surrogate's anchors included)
     query       the sum of the three; `+embed` adds embedding the target's texts with the base model
@@ -26,8 +26,9 @@ its docstring). For each pool size N, in a fresh process (so peak memory is that
 
     python tools/bench_query.py indexes/default --sizes 1000 10000 100000 [--scan-targets 4] [--json out.json]
     python tools/bench_query.py REAL --sizes 1000 --quick     # 2 targets, 1 repeat: a smoke run
-    python tools/bench_query.py REAL --sizes 1000 --seed 1 --screen 500 --anchors 24 --local-rank 3
+    python tools/bench_query.py REAL --sizes 1000 --seed 1 --screen 15 --anchors 32 --local-rank 3
                                   # another derived pool, other second-stage settings (the build is reused)
+    python tools/bench_query.py REAL --sizes 1000 --examples 100   # targets of 100 examples (n < d)
 
 REAL is an index folder or a folder of ESM folders; targets are the "target" tasks of --tasks.
 """
@@ -60,8 +61,9 @@ RECALL_K = (5, 10)
 CANDIDATES = (10, 20, 50, 100, 200)
 
 
-def targets(tasks, cache, base_model):
-    """{name: (X, labels)} of the target tasks, base embeddings cached under `cache`."""
+def targets(tasks, cache, base_model, examples=None, seed=0):
+    """{name: (X, labels)} of the target tasks, base embeddings cached under `cache`; with `examples`, a
+    seeded sample of that many of each task's examples (the selection study's targets have 100)."""
     manifest = json.loads((tasks / "manifest.json").read_text())
     out, encoder = {}, None
     cache.mkdir(parents=True, exist_ok=True)
@@ -74,7 +76,11 @@ def targets(tasks, cache, base_model):
             data = read_task(tasks / task["name"] / "train.csv", max_examples=TARGET_MAX_EXAMPLES)
             np.savez(file, X=encoder.embed(data.texts), labels=data.labels)
         saved = np.load(file)
-        out[task["name"]] = saved["X"].astype(np.float64), saved["labels"]
+        X, labels = saved["X"].astype(np.float64), saved["labels"]
+        if examples:
+            pick = np.random.default_rng(seed).choice(len(X), min(examples, len(X)), replace=False)
+            X, labels = X[pick], labels[pick]
+        out[task["name"]] = X, labels
     return out
 
 
@@ -150,7 +156,7 @@ def run_size(args, size):
     out["faiss_type"] = type(prefilter.index).__name__
     out["prefilter_file_bytes"] = (work / "prefilter.npz").stat().st_size
 
-    data = targets(args.tasks, args.cache / "targets", args.base_model)
+    data = targets(args.tasks, args.cache / "targets", args.base_model, args.examples, args.seed)
     names_t = list(data)[: args.targets]
     out["targets"] = names_t
     latency, recall = {}, {}
@@ -173,16 +179,17 @@ def run_size(args, size):
                 return scores
 
             started = time.perf_counter()
-            ids, first_pass = prefilter.search(X, Y, max(config.screen, args.candidates))
+            ids, first_pass = prefilter.search(X, Y, config.screened(size, args.candidates))
             select(first_pass, prefilter.coordinates_of(ids), args.candidates, rescore, config.anchors, config.local_rank)
             times["prefilter"] = time.perf_counter() - started - times["materialise"] - times["rescore"]
             times["query"] = sum(times[k] for k in ("statistics", "prefilter", "rescore"))
             for key, value in times.items():
                 latency.setdefault(key, []).append(value)
         if t < args.scan_targets and size <= args.scan_max:
-            scores, seconds = exact_scan(pool, X, labels, work / f"scan-{name}.npz")
+            sample = f"-n{args.examples}-seed{args.seed}" if args.examples else ""
+            scores, seconds = exact_scan(pool, X, labels, work / f"scan-{name}{sample}.npz")
             latency.setdefault("exact_scan", []).append(seconds)
-            ids, first_pass = prefilter.search(X, Y, max(config.screen, *CANDIDATES))
+            ids, first_pass = prefilter.search(X, Y, config.screened(size, max(CANDIDATES)))
             coordinates = prefilter.coordinates_of(ids)
             for K in CANDIDATES:
                 chosen, _ = select(first_pass, coordinates, K, lambda picks: scores[ids[picks]],
@@ -256,6 +263,7 @@ def main():
     parser.add_argument("--cache", type=Path, default=Path("data/bench"))
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument("--targets", type=int, default=12, help="targets queried per size")
+    parser.add_argument("--examples", type=int, help="a seeded sample (--seed) of this many examples per target")
     parser.add_argument("--scan-targets", type=int, default=4, help="targets whose exact full scan is run")
     parser.add_argument("--scan-max", type=int, default=10**6, help="largest N whose exact full scan is run")
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="candidates rescored exactly")
@@ -264,7 +272,7 @@ def main():
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ESM_INDEX_THREADS", 2)))
     parser.add_argument("--seed", type=int, default=0, help="of the derived pool")
     default = PrefilterConfig()
-    parser.add_argument("--screen", type=int, default=default.screen, help="second stage: FAISS candidates")
+    parser.add_argument("--screen", type=float, default=default.screen, help="second stage: screen sqrt(N) candidates")
     parser.add_argument("--anchors", type=int, default=default.anchors, help="second stage: exactly scored anchors")
     parser.add_argument("--local-rank", type=int, default=default.local_rank, help="second stage: local directions")
     parser.add_argument("--quick", action="store_true", help="2 targets, 1 repeat, 1 scan, no embedding timing")
@@ -288,7 +296,7 @@ def main():
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     load = os.getloadavg()[0]
     print(f"load average at end: {load:.1f} ({os.cpu_count()} cores); latency at K = {args.candidates}; second "
-          f"stage: screen {args.screen}, anchors {args.anchors}, local rank {args.local_rank}")
+          f"stage: screen {args.screen:g} sqrt(N), anchors {args.anchors}, local rank {args.local_rank}")
     print(report(results, embed))
     if args.json:
         args.json.write_text(json.dumps({"embed_seconds": embed, "results": results}, indent=2) + "\n")
