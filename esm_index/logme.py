@@ -4,16 +4,20 @@ LogME (You et al., thuml/LogME `_fit_fixed_point`) needs, per label column y, on
 s2 of G = F^T F and the squared projections x2 = (V^T F^T y)^2 / s2 of y on its eigenvectors, plus
 y^T y and n. For mapped features F = X~ W~^T (X~ = [X, 1], W~ = [W, b]) these follow from
 A = X~^T X~ and B = X~^T Y, computed once per target: G = W~ A W~^T and F^T Y = W~ B. So each ESM
-costs O(d^3) however large n is (O(r d^2) when A has rank r < d, i.e. n < d: the eigh is then r x r), and
+costs O(d^3) however large n is (O(r d^2) when A has rank r < d, e.g. n < d: the eigh is then r x r), and
 F is never built. logme_score is the plain version on materialised F.
 
 Rank cut-off (shared by every path here, so they agree on degenerate input): an eigenvalue s2 of G
 counts as signal when its singular value sqrt(s2) > 1e-10 (thuml's rule) AND s2 > max(s2) * max(n, d) * eps
 (numpy's matrix_rank tolerance applied to G); below that it is rounding, and taken as exactly zero. Zero
-is not "absent": thuml keeps every one of the min(n, d) singular values of F that is above 1e-10, and the
-rounding-level ones of a rank-deficient F (eigenvalues ~eps * ||G||, square roots ~1e-6) are, so each adds
-log(alpha + beta * ~0) = log alpha to its log-determinant, while their projections cancel between the fitted
-and the residual energy. Here each such dimension adds exactly log alpha. Dropping them instead would move
+is not "absent": thuml keeps the min(n, d) singular values of F (when n > d, those above 1e-10), and the
+rounding-level ones of a rank-deficient F (eigenvalues ~eps * ||G||, square roots ~1e-6) pass that test, so
+each adds log(alpha + beta * ~0) = log alpha to its log-determinant, while their projections cancel between
+the fitted and the residual energy. Here each such dimension adds exactly log alpha (`_zeros`). The one
+case left where thuml's own value depends on rounding: a map with all-zero output features and n > d, whose
+eigenvalues thuml's SVD returns either as rounding (kept) or as exact zeros (dropped); eigenvalues below
+1e-20 are dropped here too, which agrees with it most of the time (10 of 13 seeded cases of 1-4 such
+features at d = 20), and leaves a difference of log(alpha) / 2n per feature otherwise. Dropping them instead would move
 the score by log(alpha) / 2n each (~0.005 for real MiniLM ESMs, which are rank-deficient by 2-3) and make it
 jump whenever a tiny genuine eigenvalue crossed the cut-off; counting them keeps the score continuous and
 equal to thuml's on materialised F.
@@ -101,6 +105,14 @@ def _kept(s2: np.ndarray, n: int, d: int) -> np.ndarray:
     return (s2 > 1e-20) & (s2 > s2.max(initial=0.0) * max(n, d) * EPS)
 
 
+def _zeros(s2: np.ndarray, keep: np.ndarray, n: int, d: int) -> int:
+    """How many of F's singular values thuml keeps that `keep` cuts: each adds log(alpha) to the evidence's
+    log-determinant. thuml keeps min(n, d) of them but, when n > d, drops those at or below 1e-10 (it takes
+    them from an SVD, which returns |s2|: an eigh's rounding can come out negative)."""
+    dropped = int((np.abs(s2) <= 1e-20).sum()) if n > d else 0
+    return max(min(n, d) - int(keep.sum()) - dropped, 0)
+
+
 def _fixed_point(s2: np.ndarray, x2: np.ndarray, res_x2: np.ndarray, n: int):
     """thuml's fixed point for all label columns at once, each until its own convergence, exactly like the
     reference's loop per class. s2: (k,) kept eigenvalues of G = F^T F; x2: (C, k) squared projections
@@ -135,10 +147,10 @@ def _evidence(s2: np.ndarray, z2: np.ndarray, yy: np.ndarray, n: int, d: int) ->
     keep = _kept(s2, n, d)
     if not keep.any():
         return np.nan
+    zeros = _zeros(s2, keep, n, d)              # F's rounding-level singular values: log(alpha + 0) each
     s2 = s2[keep]
     x2 = z2[:, keep] / s2                       # (u_i^T y)^2 in thuml's notation
     alpha, beta, m2, res2 = _fixed_point(s2, x2, np.maximum(yy - x2.sum(1), 0.0), n)
-    zeros = min(n, d) - len(s2)                 # F's rounding-level singular values: log(alpha + 0) each
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         logdet = np.log(alpha[:, None] + beta[:, None] * s2).sum(1) + zeros * np.log(alpha)
         evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - logdet / 2

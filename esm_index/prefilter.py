@@ -12,7 +12,8 @@ keeps only its coordinates on the `rank` principal directions of the pool's L (a
 sample of at most `train_max` sources, as FAISS trains its PCAMatrix or IVF quantiser), and the target's
 query vector is dE/dL on the same directions. For a pool of at most rank + 1 sources the coordinates are
 exact. Only W and b are needed, so imported ESMs without source texts are prefiltered alike. The first
-pass's best 30 sqrt(N) go on to the second stage (surrogate.py), which picks those rescored exactly.
+pass's best screen * sqrt(N) (30 sqrt(N) by default) go on to the second stage (surrogate.py), which
+picks those rescored exactly.
 
 Everything here is derived data, saved in `prefilter.npz` with the store's generation: the basis, every
 source's coordinates and the FAISS index over them (exhaustive while the pool is small, IVF beyond
@@ -32,6 +33,7 @@ import numpy as np
 
 from .errors import ESMIndexError
 from .logme import single_threaded_blas
+from .surrogate import coefficients
 
 INDEX_FILE = "prefilter.npz"  # basis, coordinates, FAISS index and generation, in one file
 KIND = "log-moments"  # what the saved coordinates are; a file of another kind is rebuilt
@@ -56,10 +58,13 @@ class PrefilterConfig:
         for f in fields(self):
             value, least = getattr(self, f.name), 0 if f.name in ("seed", "exact_max") else 1
             if f.name == "screen":
-                if not isinstance(value, (int, float)) or isinstance(value, bool) or not value > 0:
+                if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
                     raise ESMIndexError(f"prefilter setting 'screen' must be a positive number, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ESMIndexError(f"prefilter setting {f.name!r} must be an integer >= {least}, got {value!r}")
+        if self.anchors < coefficients(self.local_rank):
+            raise ESMIndexError(f"prefilter setting 'anchors' must be at least the surrogate's {coefficients(self.local_rank)} "
+                                f"coefficients at local_rank {self.local_rank}, got {self.anchors}")
 
     def screened(self, pool, budget):
         """How many candidates FAISS passes to the second stage for a pool of `pool` sources: screen * sqrt(N),
@@ -130,13 +135,15 @@ def evidence_gradient(X, Y, values, vectors):
     The pieces are gamma, m2 = y^T S R^2 y and res2 = t^2 y^T R^2 y, with dgamma/dS = t R^2,
     dm2/dS = -R y y^T R + t (R y y^T R^2 + R^2 y y^T R) and dres2/dS = -t^2 (R y y^T R^2 + R^2 y y^T R);
     dE/dM = X~^T dE/dS X~."""
-    from .logme import RIDGE, _fixed_point, _kept
+    from .logme import RIDGE, _fixed_point, _kept, _zeros
 
     n, d = X.shape
     Xt = np.hstack([X, np.ones((n, 1))])
     U, s, _ = np.linalg.svd(Xt @ (vectors * np.sqrt(np.clip(values, 0, None))), full_matrices=False)
     s2 = s**2
     keep = _kept(s2, n, d)
+    width = max(d, int(keep.sum()))  # features of F: M0 has rank d + 1, the maps d
+    zeros = _zeros(s2, keep, n, width)  # rounding-level eigenvalues: log(alpha) each in the log-determinant
     U, s2 = U[:, keep], s2[keep]
     Uy = U.T @ Y  # (k, C): F's left singular vectors against each label column
     x2 = (Uy**2).T
@@ -159,9 +166,7 @@ def evidence_gradient(X, Y, values, vectors):
     jacobian[:, 0, 1] = -(alpha * dm2 - dgamma) * t / beta
     jacobian[:, 1, 0] = dres2 + dgamma / beta
     jacobian[:, 1, 1] = res2 + RIDGE - (beta * dres2 + dgamma) * t / beta
-    weights = max(d, len(s2))  # M0 has rank d + 1, the maps d
-    zeros = min(n, weights) - len(s2)  # rounding-level eigenvalues: log(alpha) each in the log-determinant
-    e_alpha = (weights - zeros) / (2 * alpha) - r.sum(1) / (2 * beta) - m2 / 2
+    e_alpha = (width - zeros) / (2 * alpha) - r.sum(1) / (2 * beta) - m2 / 2
     e_beta = (n - gamma) / (2 * beta) - res2 / 2
     a, b = -np.linalg.solve(np.swapaxes(jacobian, 1, 2), np.stack([e_alpha, e_beta], 1)[..., None])[..., 0].T
 
@@ -323,8 +328,11 @@ class Prefilter:
         return ids[0][found], scores[0][found]
 
     def coordinates_of(self, ids):
-        """The stored coordinates (FAISS vectors) of sources by id."""
-        return self.vectors[np.searchsorted(self.ids, ids)]
+        """The stored coordinates (FAISS vectors) of sources by id (ids this prefilter holds)."""
+        rows = np.searchsorted(self.ids, ids)
+        if not np.array_equal(self.ids[np.minimum(rows, len(self.ids) - 1)], ids):
+            raise ESMIndexError("coordinates asked for sources this prefilter does not hold")
+        return self.vectors[rows]
 
 
 def _moments(store, txn, names):

@@ -89,6 +89,8 @@ def rank(store, prefilter, X, labels, regression=False, top_k=10, candidates=DEF
     timings = dict(timings or {})
     if top_k <= 0:
         raise ESMIndexError(f"top-k must be positive, got {top_k}")
+    if candidates not in (None, "all") and candidates <= 0:
+        raise ESMIndexError(f"the number of candidates must be positive, got {candidates}")
     started = time.perf_counter()
     meta = store.meta()
     X, labels = check_target(X, labels, meta["dim"])

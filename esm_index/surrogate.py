@@ -23,27 +23,33 @@ def select(first_pass, coordinates, budget, rescore, anchors=48, local_rank=4):
     """Indices into the screened candidates (first_pass: their first-pass scores, best first; coordinates:
     their prefilter vectors) chosen for exact rescoring, and their exact scores: all of them if they fit the
     budget, else `anchors` spread ones and the surrogate's best of the rest, `budget` in all. When half the
-    budget is fewer anchors than the surrogate has coefficients (16 at local_rank 4), the first pass's order
-    decides. rescore(indices) returns exact scores (NaN where not finite)."""
+    budget is fewer anchors than the surrogate has coefficients (`coefficients(local_rank)`, 16 at 4), the
+    first pass's order decides. rescore(indices) returns exact scores (NaN where not finite)."""
     count = len(first_pass)
     if count <= budget:
         chosen = np.arange(count)
         return chosen, rescore(chosen)
-    local = local_coordinates(coordinates, local_rank)
-    features = quadratic_features(first_pass, local)
     spread_count = min(anchors, budget // 2)
-    if spread_count < features.shape[1]:
+    if spread_count < coefficients(local_rank):
         chosen = np.arange(budget)
         return chosen, rescore(chosen)
+    local = local_coordinates(coordinates, local_rank)
+    features = quadratic_features(first_pass, local)
     chosen = farthest_points(local, spread_count)
     scores = rescore(chosen)
     finite = np.isfinite(scores)
-    predicted = np.asarray(first_pass, np.float64).copy()  # too few finite anchors: the first pass decides
+    predicted = -np.arange(count, dtype=np.float64)  # too few finite anchors: the first pass's order decides
     if finite.sum() >= features.shape[1]:
         predicted = features @ ridge(features[chosen[finite]], scores[finite])
-    predicted[chosen] = -np.inf
-    rest = np.argsort(-predicted, kind="stable")[: budget - spread_count]
+    others = np.setdiff1d(np.arange(count), chosen)
+    ranked = others[np.argsort(-np.nan_to_num(predicted[others], nan=-np.inf), kind="stable")]
+    rest = ranked[: budget - spread_count]
     return np.concatenate([chosen, rest]), np.concatenate([scores, rescore(rest)])
+
+
+def coefficients(local_rank):
+    """The surrogate's coefficients: intercept, first-pass score, local_rank coordinates, their products."""
+    return 2 + local_rank + local_rank * (local_rank + 1) // 2
 
 
 def local_coordinates(coordinates, rank):
@@ -57,8 +63,12 @@ def local_coordinates(coordinates, rank):
 
 
 def quadratic_features(first_pass, local):
-    """1, the standardised first-pass score, the local coordinates and their products (i <= j)."""
+    """1, the standardised first-pass score, the local coordinates and their products (i <= j). Non-finite
+    first-pass scores (from a degenerate target) are clipped to the finite ones' range."""
     first = np.asarray(first_pass, np.float64)
+    finite = first[np.isfinite(first)]
+    low, high = (finite.min(), finite.max()) if len(finite) else (0.0, 0.0)
+    first = np.nan_to_num(first, nan=low, posinf=high, neginf=low)
     first = (first - first.mean()) / max(first.std(), 1e-300)
     rows, cols = np.triu_indices(local.shape[1])
     return np.column_stack([np.ones(len(first)), first, local, local[:, rows] * local[:, cols]])

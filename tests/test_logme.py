@@ -69,7 +69,8 @@ def test_labels_need_not_be_contiguous_integers():
 
 
 @pytest.mark.parametrize("case", ["n_below_d", "duplicate_features", "constant_features",
-                                  "single_example_class", "rank_deficient_map"])
+                                  "single_example_class", "rank_deficient_map", "dead_output_features",
+                                  "dead_output_features_n_below_d"])
 def test_degenerate_inputs_agree(case):
     rng = np.random.default_rng(3)
     d = 20
@@ -83,6 +84,10 @@ def test_degenerate_inputs_agree(case):
         X[:, 5:9] = 2.5
     elif case == "single_example_class":
         y[0] = 3
+    elif case.startswith("dead_output_features"):  # all-zero outputs: rounding-level eigenvalues, counted
+        W[:, 4:7], b[:, 4:7] = 0.0, 0.0
+        if case.endswith("n_below_d"):
+            X, y = X[:12], y[:12]
     elif case == "rank_deficient_map":
         W[:, :, 6:] = 0.0          # F depends on only 6 input dimensions
         W[:, 3] = W[:, 2]          # and two output features coincide

@@ -57,15 +57,20 @@ def features(Xt, M):
     return Xt @ (vectors * np.sqrt(np.clip(values, 0, None)))
 
 
-@pytest.mark.parametrize("n", [120, 15])  # n > d, and n < d where alpha's motion adds to the gradient
-def test_evidence_gradient_is_the_derivative_of_converged_logme(n, monkeypatch):
+@pytest.mark.parametrize("n, repeated, dead", [
+    (120, 0, 0), (15, 0, 0),  # n > d, and n < d where alpha's motion adds to the gradient
+    (15, 5, 0), (120, 0, 3),  # rank-deficient F (repeated examples, all-zero output features): counted zeros
+])
+def test_evidence_gradient_is_the_derivative_of_converged_logme(n, repeated, dead, monkeypatch):
     import esm_index.logme as logme
 
     X, labels = target(n=n)
+    X[:repeated], labels[:repeated] = X[repeated : 2 * repeated], labels[repeated : 2 * repeated]
     Y = encode_labels(labels, False)
     Xt = np.hstack([X, np.ones((n, 1))])
     rng = np.random.default_rng(2)
     root = np.eye(DIM, DIM + 1) + 0.2 * rng.standard_normal((DIM, DIM + 1))  # an ESM's W~: M = W~^T W~, rank d
+    root[:dead] = 0.0
     direction = rng.standard_normal((DIM, DIM + 1))
     values, vectors = np.linalg.eigh(root.T @ root)
     H = root.T @ direction + direction.T @ root  # dM along W~ + h direction

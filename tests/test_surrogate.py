@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 from test_prefilter import index_of, structured_maps, target
 
+from esm_index import ESMIndexError
 from esm_index.evaluate import recall_at_k
 from esm_index.prefilter import PrefilterConfig
 from esm_index.surrogate import farthest_points, local_coordinates, select
@@ -58,10 +59,19 @@ def test_a_budget_too_small_for_the_surrogate_keeps_the_first_pass_order():
 def test_anchors_without_a_finite_score_are_left_out_of_the_fit():
     first_pass, coordinates, exact = curved_region()
     broken = exact.copy()
-    broken[farthest_points(local_coordinates(coordinates, 4), 32)[::2]] = np.nan  # half the anchors fail
+    broken[farthest_points(local_coordinates(coordinates, 4), 48)[::3]] = np.nan  # a third of the anchors fail
     chosen, scores = select(first_pass, coordinates, 100, Rescorer(broken))
     assert len(set(chosen.tolist())) == 100 and np.isnan(scores).sum() == 16
-    assert recall_at_k(exact, chosen, 5) == 1.0  # 16 anchors still fit it
+    assert recall_at_k(exact, chosen, 5) == 1.0  # the other 32 still fit it
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_non_finite_first_pass_scores_still_give_distinct_candidates(bad):
+    first_pass, coordinates, exact = curved_region(300)
+    first_pass[[3, 50, 299]] = bad
+    chosen, scores = select(first_pass, coordinates, 100, Rescorer(exact))
+    assert len(set(chosen.tolist())) == 100
+    np.testing.assert_array_equal(scores, exact[chosen])
 
 
 def test_anchors_spread_from_the_first_pass_best():
@@ -90,10 +100,16 @@ def test_queries_spend_the_budget_through_the_surrogate(tmp_path):
         for result in ranking:
             assert result.score == pytest.approx(full[result.source], rel=1e-9)
         assert index.meta["prefilter"]["screen"] == 6.5 and index.info()["prefilter"]["anchors"] == 20
+        for bad in (0, -5):
+            with pytest.raises(ESMIndexError, match="candidates must be positive"):
+                index.query_embeddings(X, labels, candidates=bad)
+        with pytest.raises(ESMIndexError, match="does not hold"):
+            index.prefilter().coordinates_of(np.array([10_000]))
 
 
 @pytest.mark.parametrize("setting, value", [("screen", 0), ("screen", -1.0), ("screen", "30"), ("screen", True),
-                                            ("anchors", 0), ("local_rank", 0), ("local_rank", 2.5)])
+                                            ("screen", float("inf")), ("anchors", 0), ("anchors", 15),
+                                            ("local_rank", 0), ("local_rank", 2.5)])
 def test_second_stage_settings_are_checked(setting, value):
     with pytest.raises(Exception, match=setting):
         PrefilterConfig(**{setting: value})

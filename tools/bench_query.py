@@ -270,7 +270,7 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--index-max", type=int, default=1000, help="largest N also queried as a real index")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ESM_INDEX_THREADS", 2)))
-    parser.add_argument("--seed", type=int, default=0, help="of the derived pool")
+    parser.add_argument("--seed", type=int, default=0, help="of the derived pool (and of the --examples sample)")
     default = PrefilterConfig()
     parser.add_argument("--screen", type=float, default=default.screen, help="second stage: screen sqrt(N) candidates")
     parser.add_argument("--anchors", type=int, default=default.anchors, help="second stage: exactly scored anchors")
