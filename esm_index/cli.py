@@ -206,7 +206,7 @@ def query(
     """Rank the index's sources for a target (texts and labels, or precomputed embeddings)."""
     from .data import read_task
 
-    if candidates != "all" and not (candidates.isascii() and candidates.isdigit()):
+    if candidates != "all" and not (candidates.isascii() and candidates.isdigit() and int(candidates) > 0):
         raise ESMIndexError(f"--candidates takes a positive number or 'all', got {candidates!r}")
     count = None if candidates == "all" else int(candidates)
     with open_index(index, readonly=True) as opened:

@@ -107,6 +107,7 @@ def test_unknown_source_and_bad_options(index, tasks, tmp_path):
     before = generation(index)
     assert "no source named 'nope'" in run("remove", index, "nope", ok=False).stderr
     assert "'all'" in run("query", index, tasks["target"], "--candidates", "many", ok=False).stderr
+    assert "'all'" in run("query", index, tasks["target"], "--candidates", "0", ok=False).stderr
     assert "not an esm-index index" in run("list", tmp_path, ok=False).stderr
     assert "either DATA or both" in run("query", index, tasks["target"], "--labels", tmp_path / "y.npy", ok=False).stderr
     assert generation(index) == before
