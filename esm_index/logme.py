@@ -13,14 +13,14 @@ counts as signal when its singular value sqrt(s2) > 1e-10 (thuml's rule) AND s2 
 is not "absent": thuml keeps the min(n, d) singular values of F (when n > d, those above 1e-10), and the
 rounding-level ones of a rank-deficient F (eigenvalues ~eps * ||G||, square roots ~1e-6) pass that test, so
 each adds log(alpha + beta * ~0) = log alpha to its log-determinant, while their projections cancel between
-the fitted and the residual energy. Here each such dimension adds exactly log alpha (`_zeros`). The one
-case left where thuml's own value depends on rounding: a map with all-zero output features and n > d, whose
-eigenvalues thuml's SVD returns either as rounding (kept) or as exact zeros (dropped); eigenvalues below
-1e-20 are dropped here too, which agrees with it most of the time (10 of 13 seeded cases of 1-4 such
-features at d = 20), and leaves a difference of log(alpha) / 2n per feature otherwise. Dropping them instead would move
-the score by log(alpha) / 2n each (~0.005 for real MiniLM ESMs, which are rank-deficient by 2-3) and make it
-jump whenever a tiny genuine eigenvalue crossed the cut-off; counting them keeps the score continuous and
-equal to thuml's on materialised F.
+the fitted and the residual energy. Here each such dimension adds exactly log alpha (`_zeros`). Dropping
+them instead would move the score by log(alpha) / 2n each (~0.005 for real MiniLM ESMs, which are
+rank-deficient by 2-3) and make it jump whenever a tiny genuine eigenvalue crossed the cut-off; counting
+them keeps the score continuous and equal to thuml's on materialised F. The one case left where thuml's own
+value depends on rounding: a map with all-zero output features and n > d, whose eigenvalues thuml's SVD
+returns either as rounding (kept) or as exact zeros (dropped); eigenvalues below 1e-20 are dropped here
+too, which agrees with it most of the time (10 of 13 seeded cases of 1-4 such features at d = 20), and
+leaves a difference of log(alpha) / 2n per feature otherwise.
 """
 
 import os

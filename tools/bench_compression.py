@@ -133,12 +133,12 @@ def log_residual(step):
             reference = (total - L) / (len(logs) - 1)
             basis = np.linalg.eigh(reference)[1]
             residual = basis.T @ (L - reference) @ basis
-            steps, values = rounded(residual[upper] / step, rng)
+            steps, decoded_steps = rounded(residual[upper] / step, rng)
             escapes = np.abs(steps) > 127  # kept as (int32 position, int16 value)
             if np.abs(steps).max() > 32767:
                 raise SystemExit(f"log-residual step {step:g} is too fine for int16 escapes")
             coded = np.diag(np.diag(residual).astype(np.float32))  # the diagonal in float32
-            coded[upper] = values * step
+            coded[upper] = decoded_steps * step
             coded = np.triu(coded) + np.triu(coded, 1).T
             values, vectors = np.linalg.eigh(basis @ coded @ basis.T + reference)
             decoded.append(from_factor((vectors * np.sqrt(norm * np.maximum(np.exp(values) - FLOOR, 0))).T[1:]))
