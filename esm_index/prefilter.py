@@ -33,7 +33,7 @@ import numpy as np
 
 from .errors import ESMIndexError
 from .logme import single_threaded_blas
-from .surrogate import coefficients
+from .surrogate import least_anchors
 
 INDEX_FILE = "prefilter.npz"  # basis, coordinates, FAISS index and generation, in one file
 KIND = "log-moments"  # what the saved coordinates are; a file of another kind is rebuilt
@@ -51,8 +51,9 @@ class PrefilterConfig:
     exact_max: int = 50_000  # up to this many sources FAISS searches exhaustively (IndexFlatIP)
     nprobe: int = 64  # IVF lists visited per search beyond exact_max (with 4 sqrt(N) lists)
     screen: float = 30.0  # FAISS passes screen * sqrt(N) candidates (at least the budget) to the second stage
-    anchors: int = 48  # of those, rescored exactly to fit the second stage's surrogate (surrogate.py)
-    local_rank: int = 4  # the surrogate's local coordinates (quadratic in them)
+    anchors: int = 24  # of those, spread ones rescored exactly first (surrogate.py)
+    local_rank: int = 8  # the second stage's local coordinates: its model's inputs
+    batch: int = 8  # then rescored this many at a time, the model refitted after each
 
     def __post_init__(self):
         for f in fields(self):
@@ -62,9 +63,10 @@ class PrefilterConfig:
                     raise ESMIndexError(f"prefilter setting 'screen' must be a positive number, got {value!r}")
             elif not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ESMIndexError(f"prefilter setting {f.name!r} must be an integer >= {least}, got {value!r}")
-        if self.anchors < coefficients(self.local_rank):
-            raise ESMIndexError(f"prefilter setting 'anchors' must be at least the surrogate's {coefficients(self.local_rank)} "
-                                f"coefficients at local_rank {self.local_rank}, got {self.anchors}")
+        if self.anchors < least_anchors(self.local_rank):
+            raise ESMIndexError(f"prefilter setting 'anchors' must be at least {least_anchors(self.local_rank)} "
+                                f"at local_rank {self.local_rank} (the model's trend has local_rank + 2 "
+                                f"coefficients), got {self.anchors}")
 
     def screened(self, pool, budget):
         """How many candidates FAISS passes to the second stage for a pool of `pool` sources: screen * sqrt(N),

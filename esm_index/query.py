@@ -76,7 +76,8 @@ def prefiltered(store, txn, prefilter, X, Y, budget, rescore, config):
     present = np.array([n is not None for n in names], bool)
     ids, first_pass, names = ids[present], first_pass[present], [n for n in names if n is not None]
     chosen, scores = select(first_pass, prefilter.coordinates_of(ids), budget,
-                            lambda picks: rescore([names[i] for i in picks]), config.anchors, config.local_rank)
+                            lambda picks: rescore([names[i] for i in picks]), config.anchors, config.local_rank,
+                            config.batch)
     return [names[i] for i in chosen], scores
 
 

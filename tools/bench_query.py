@@ -29,6 +29,8 @@ its docstring). For each pool size N, in a fresh process (so peak memory is that
     python tools/bench_query.py REAL --sizes 1000 --seed 1 --screen 15 --anchors 32 --local-rank 3
                                   # another derived pool, other second-stage settings (the build is reused)
     python tools/bench_query.py REAL --sizes 1000 --examples 100   # targets of 100 examples (n < d)
+    python tools/bench_query.py REAL --sizes 10000 --target-tasks fortunes_en_life bible_wisdom ...
+                                  # other tasks as targets (held out from choosing the settings)
 
 REAL is an index folder or a folder of ESM folders; targets are the "target" tasks of --tasks.
 """
@@ -61,14 +63,18 @@ RECALL_K = (5, 10)
 CANDIDATES = (10, 20, 50, 100, 200)
 
 
-def targets(tasks, cache, base_model, examples=None, seed=0):
-    """{name: (X, labels)} of the target tasks, base embeddings cached under `cache`; with `examples`, a
-    seeded sample of that many of each task's examples (the selection study's targets have 100)."""
+def targets(tasks, cache, base_model, examples=None, seed=0, named=None):
+    """{name: (X, labels)} of the target tasks (or of the `named` tasks, any role), base embeddings cached
+    under `cache`; with `examples`, a seeded sample of that many of each task's examples (the selection
+    study's targets have 100)."""
     manifest = json.loads((tasks / "manifest.json").read_text())
+    unknown = set(named or ()) - {task["name"] for task in manifest["tasks"]}
+    if unknown:
+        raise SystemExit(f"{tasks}: no task named {', '.join(sorted(unknown))}")
     out, encoder = {}, None
     cache.mkdir(parents=True, exist_ok=True)
     for task in manifest["tasks"]:
-        if task["role"] != "target":
+        if (task["name"] not in named) if named else task["role"] != "target":
             continue
         file = cache / f"{task['name']}.npz"
         if not file.exists():
@@ -125,7 +131,7 @@ def pool_folder(cache, names, size, seed):
 def run_size(args, size):
     """Everything measured for one pool size; returns a JSON-able dict."""
     faiss.omp_set_num_threads(args.threads)
-    config = PrefilterConfig(screen=args.screen, anchors=args.anchors, local_rank=args.local_rank)
+    config = PrefilterConfig(screen=args.screen, anchors=args.anchors, local_rank=args.local_rank, batch=args.batch)
     names, weights, biases, base_model = load_real(args.real)
     pool = DerivedPool.derive(names, weights, biases, size, seed=args.seed)
     dim = weights.shape[1]
@@ -156,7 +162,7 @@ def run_size(args, size):
     out["faiss_type"] = type(prefilter.index).__name__
     out["prefilter_file_bytes"] = (work / "prefilter.npz").stat().st_size
 
-    data = targets(args.tasks, args.cache / "targets", args.base_model, args.examples, args.seed)
+    data = targets(args.tasks, args.cache / "targets", args.base_model, args.examples, args.seed, args.target_tasks)
     names_t = list(data)[: args.targets]
     out["targets"] = names_t
     latency, recall = {}, {}
@@ -180,7 +186,8 @@ def run_size(args, size):
 
             started = time.perf_counter()
             ids, first_pass = prefilter.search(X, Y, config.screened(size, args.candidates))
-            select(first_pass, prefilter.coordinates_of(ids), args.candidates, rescore, config.anchors, config.local_rank)
+            select(first_pass, prefilter.coordinates_of(ids), args.candidates, rescore, config.anchors,
+                   config.local_rank, config.batch)
             times["prefilter"] = time.perf_counter() - started - times["materialise"] - times["rescore"]
             times["query"] = sum(times[k] for k in ("statistics", "prefilter", "rescore"))
             for key, value in times.items():
@@ -193,7 +200,7 @@ def run_size(args, size):
             coordinates = prefilter.coordinates_of(ids)
             for K in CANDIDATES:
                 chosen, _ = select(first_pass, coordinates, K, lambda picks: scores[ids[picks]],
-                                   config.anchors, config.local_rank)
+                                   config.anchors, config.local_rank, config.batch)
                 for k in RECALL_K:
                     recall.setdefault(f"r@{k} K={K}", []).append(recall_at_k(scores, ids[chosen], k))
                     recall.setdefault(f"r@{k} K={K}, first pass", []).append(recall_at_k(scores, ids[:K], k))
@@ -263,6 +270,8 @@ def main():
     parser.add_argument("--cache", type=Path, default=Path("data/bench"))
     parser.add_argument("--base-model", default=DEFAULT_BASE_MODEL)
     parser.add_argument("--targets", type=int, default=12, help="targets queried per size")
+    parser.add_argument("--target-tasks", nargs="+", metavar="TASK",
+                        help="these tasks of --tasks (any role, e.g. sources without a model: held-out targets)")
     parser.add_argument("--examples", type=int, help="a seeded sample (--seed) of this many examples per target")
     parser.add_argument("--scan-targets", type=int, default=4, help="targets whose exact full scan is run")
     parser.add_argument("--scan-max", type=int, default=10**6, help="largest N whose exact full scan is run")
@@ -275,6 +284,7 @@ def main():
     parser.add_argument("--screen", type=float, default=default.screen, help="second stage: screen sqrt(N) candidates")
     parser.add_argument("--anchors", type=int, default=default.anchors, help="second stage: exactly scored anchors")
     parser.add_argument("--local-rank", type=int, default=default.local_rank, help="second stage: local directions")
+    parser.add_argument("--batch", type=int, default=default.batch, help="second stage: rescored per model refit")
     parser.add_argument("--quick", action="store_true", help="2 targets, 1 repeat, 1 scan, no embedding timing")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size, JSON to stdout
@@ -287,7 +297,7 @@ def main():
         return
 
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.1f} at start", file=sys.stderr)
-    data = targets(args.tasks, args.cache / "targets", args.base_model)
+    data = targets(args.tasks, args.cache / "targets", args.base_model, named=args.target_tasks)
     embed = None if args.quick else embed_seconds(args.tasks, next(iter(data)), args.base_model)
     results = []
     for size in args.sizes:
@@ -296,7 +306,7 @@ def main():
         results.append(json.loads(done.stdout.strip().splitlines()[-1]))
     load = os.getloadavg()[0]
     print(f"load average at end: {load:.1f} ({os.cpu_count()} cores); latency at K = {args.candidates}; second "
-          f"stage: screen {args.screen:g} sqrt(N), anchors {args.anchors}, local rank {args.local_rank}")
+          f"stage: screen {args.screen:g} sqrt(N), anchors {args.anchors}, local rank {args.local_rank}, batch {args.batch}")
     print(report(results, embed))
     if args.json:
         args.json.write_text(json.dumps({"embed_seconds": embed, "results": results}, indent=2) + "\n")
