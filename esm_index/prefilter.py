@@ -13,7 +13,10 @@ sample of at most `train_max` sources, as FAISS trains its PCAMatrix or IVF quan
 query vector is dE/dL on the same directions. For a pool of at most rank + 1 sources the coordinates are
 exact. Only W and b are needed, so imported ESMs without source texts are prefiltered alike. The first
 pass's best screen * sqrt(N) (30 sqrt(N) by default) go on to the second stage (surrogate.py), which
-picks those rescored exactly.
+picks those rescored exactly. For a target with fewer examples than dimensions the linearisation misleads
+(the evidence's curvature dominates; the first pass ranks the best maps near the bottom), so the first pass
+is calibrated there: a + b <q, x> + c |x|^2, fitted to the exact scores of `calibration` sources
+(`calibrated_search`; query.choose decides when).
 
 Everything here is derived data, saved in `prefilter.npz` with the store's generation: the basis, every
 source's coordinates and the FAISS index over them (exhaustive while the pool is small, IVF beyond
@@ -54,10 +57,11 @@ class PrefilterConfig:
     anchors: int = 24  # of those, spread ones rescored exactly first (surrogate.py)
     local_rank: int = 8  # the second stage's local coordinates: its model's inputs
     batch: int = 8  # then rescored this many at a time, the model refitted after each
+    calibration: int = 32  # targets with fewer examples than dimensions: sources rescored to calibrate the first pass
 
     def __post_init__(self):
         for f in fields(self):
-            value, least = getattr(self, f.name), 0 if f.name in ("seed", "exact_max") else 1
+            value, least = getattr(self, f.name), 0 if f.name in ("seed", "exact_max", "calibration") else 1
             if f.name == "screen":
                 if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 < value < math.inf:
                     raise ESMIndexError(f"prefilter setting 'screen' must be a positive number, got {value!r}")
@@ -328,6 +332,39 @@ class Prefilter:
         scores, ids = self.index.search(query[None], min(k, self.index.ntotal))
         found = ids[0] >= 0
         return ids[0][found], scores[0][found]
+
+    @cached_property
+    def radii(self):
+        """Every source's squared distance from the basis's centre (the pool's mean log map), float64."""
+        return (self.vectors.astype(np.float64) ** 2).sum(1)
+
+    def calibration_sample(self, count):
+        """`count` source ids to calibrate the first pass on: half the farthest from the centre (where the
+        curvature acts most), half at evenly spaced quantiles of that distance further in; all if fewer."""
+        if len(self.ids) <= count:
+            return self.ids.copy()
+        order = np.argsort(-self.radii, kind="stable")
+        spaced = np.linspace(count // 2, len(order) - 1, count - count // 2).round().astype(int)
+        return np.sort(self.ids[np.concatenate([order[: count // 2], order[spaced]])])
+
+    def calibrated_search(self, X, Y, k, sample, exact):
+        """Like `search`, for targets whose linearised evidence misleads: with fewer examples than dimensions
+        the evidence is dominated by its curvature, and the first pass ranks the exact best near the bottom
+        (BENCHMARKS.md, "Second stage"). a + b <q, x> + c |x|^2 is fitted by least squares to the exact
+        scores of a `sample` of sources (`calibration_sample`), and every source ranked by b <q, x> + c |x|^2 (|x|: its
+        distance from the pool's mean log map, where the curvature acts). Exhaustive, over the coordinates in
+        memory (64 floats a source: milliseconds at 10^6). Too few finite scores: `search`."""
+        finite = np.isfinite(exact)
+        if finite.sum() < 4:
+            return self.search(X, Y, k)
+        query = self.basis.query(X, Y).astype(np.float64)
+        rows = np.searchsorted(self.ids, sample[finite])
+        design = np.column_stack([np.ones(len(rows)), self.vectors[rows] @ query, self.radii[rows]])
+        _, slope, curvature = np.linalg.lstsq(design, exact[finite], rcond=None)[0]
+        scores = self.vectors @ (slope * query) + curvature * self.radii
+        top = np.argpartition(-scores, k - 1)[:k] if k < len(scores) else np.arange(len(scores))
+        top = top[np.argsort(-scores[top], kind="stable")]
+        return self.ids[top], scores[top]
 
     def coordinates_of(self, ids):
         """The stored coordinates (FAISS vectors) of sources by id (ids this prefilter holds)."""

@@ -68,17 +68,40 @@ def check_target(X, labels, dim):
 
 
 def prefiltered(store, txn, prefilter, X, Y, budget, rescore, config):
-    """The `budget` sources chosen for exact rescoring and their scores: FAISS screens the sources whose
-    linearised evidence for the target is highest (prefilter.py), the surrogate picks among them
-    (surrogate.py). Sources removed since the prefilter was built drop out."""
-    ids, first_pass = prefilter.search(X, Y, config.screened(len(prefilter.ids), budget))
-    names = [store.name_of(int(i), txn) for i in ids]
-    present = np.array([n is not None for n in names], bool)
-    ids, first_pass, names = ids[present], first_pass[present], [n for n in names if n is not None]
-    chosen, scores = select(first_pass, prefilter.coordinates_of(ids), budget,
-                            lambda picks: rescore([names[i] for i in picks]), config.anchors, config.local_rank,
-                            config.batch)
-    return [names[i] for i in chosen], scores
+    """`choose` on a store: the names of the sources chosen for exact rescoring and their scores (rescore
+    takes names). Sources removed since the prefilter was built drop out."""
+    names = {}
+
+    def stored(ids):
+        found = [store.name_of(i, txn) for i in ids.tolist()]
+        names.update(zip(ids.tolist(), found))
+        return np.array([n is not None for n in found], bool)
+
+    ids, scores = choose(prefilter, X, Y, budget, lambda ids: rescore([names[i] for i in ids.tolist()]), config, stored)
+    return [names[i] for i in ids.tolist()], scores
+
+
+def choose(prefilter, X, Y, budget, rescore, config, stored=None):
+    """The `budget` source ids chosen for exact rescoring and their exact scores (rescore(ids) -> scores).
+    The first pass screens (prefilter.py): FAISS on the linearised evidence or, for a target with fewer
+    examples than dimensions, that evidence calibrated on the exact scores of `config.calibration`
+    sources rescored first; the second stage picks among the screened (surrogate.py). stored(ids), if given, masks
+    the ids still in the store."""
+    present = stored or (lambda ids: np.ones(len(ids), bool))
+    sample, exact = np.zeros(0, np.int64), np.zeros(0)
+    screened = config.screened(len(prefilter.ids), budget)
+    if len(X) < X.shape[1] and 0 < config.calibration <= budget // 2:
+        sample = prefilter.calibration_sample(config.calibration)
+        sample = sample[present(sample)]
+        exact = rescore(sample)
+        ids, first_pass = prefilter.calibrated_search(X, Y, screened, sample, exact)
+    else:
+        ids, first_pass = prefilter.search(X, Y, screened)
+    keep = present(ids) & ~np.isin(ids, sample)
+    ids, first_pass = ids[keep], first_pass[keep]
+    chosen, scores = select(first_pass, prefilter.coordinates_of(ids), budget - len(sample),
+                            lambda picks: rescore(ids[picks]), config.anchors, config.local_rank, config.batch)
+    return np.concatenate([sample, ids[chosen]]), np.concatenate([exact, scores])
 
 
 def rank(store, prefilter, X, labels, regression=False, top_k=10, candidates=DEFAULT_CANDIDATES, timings=None):

@@ -10,6 +10,7 @@ from esm_index.evaluate import rank_correlation, recall_at_k
 from esm_index.logme import TargetStats, _fixed_point, encode_labels, logme_from_stats, logme_score
 from esm_index.prefilter import (INDEX_FILE, LOG_FLOOR, Basis, Prefilter, PrefilterConfig, _pack, _unpack,
                                  evidence_gradient, exp_chain, faiss_index, log_moments)
+from esm_index.query import rank
 
 DIM = 24
 
@@ -219,8 +220,67 @@ def test_prefilter_file_round_trips_and_a_foreign_file_means_rebuild(tmp_path):
         assert len(empty.prefilter().search(X, Y, 3)[0]) == 0
 
 
+def test_calibrated_first_pass_ranks_by_the_curvature_it_is_fitted_to(tmp_path):
+    W, b = structured_maps(80)
+    X, labels = target(n=10)  # fewer examples than dimensions
+    Y = encode_labels(labels, False)
+    with index_of(tmp_path / "index", W, b) as index:
+        prefilter = index.prefilter()
+        linear = prefilter.vectors.astype(np.float64) @ prefilter.basis.query(X, Y).astype(np.float64)
+        truth = 2.0 - 0.5 * linear + 3.0 * prefilter.radii  # the slope reversed, the curvature dominant
+        sample = prefilter.calibration_sample(12)
+        exact = truth[np.searchsorted(prefilter.ids, sample)]
+        ids, _ = prefilter.calibrated_search(X, Y, 10, sample, exact)
+        np.testing.assert_array_equal(ids, prefilter.ids[np.argsort(-truth)[:10]])
+        plain, _ = prefilter.search(X, Y, 10)
+        assert recall_at_k(truth, np.searchsorted(prefilter.ids, plain), 5) < 0.5
+        unusable = np.full(len(sample), np.nan)
+        unusable[:3] = exact[:3]
+        np.testing.assert_array_equal(prefilter.calibrated_search(X, Y, 10, sample, unusable)[0], plain)
+
+
+def test_calibration_sample_takes_the_rim_and_spreads_inward(tmp_path):
+    W, b = structured_maps(40)
+    with index_of(tmp_path / "index", W, b) as index:
+        prefilter = index.prefilter()
+        sample = prefilter.calibration_sample(10)
+        assert len(sample) == 10 and np.all(np.diff(sample) > 0)
+        outermost = prefilter.ids[np.argsort(-prefilter.radii)[:5]]
+        assert set(outermost) <= set(sample)
+        assert prefilter.ids[np.argmin(prefilter.radii)] in sample  # the spread reaches the centre
+        np.testing.assert_array_equal(prefilter.calibration_sample(40), prefilter.ids)
+
+
+@pytest.mark.parametrize("calibration", [0, 16])
+def test_small_targets_spend_part_of_the_budget_on_calibration(tmp_path, calibration):
+    W, b = structured_maps(80)
+    X, labels = target(n=10)
+    with index_of(tmp_path / "index", W, b, calibration=calibration, screen=6.5, anchors=20, local_rank=2) as index:
+        full = {r.source: r.score for r in index.query_embeddings(X, labels, top_k=80, candidates=None)}
+        ranking = index.query_embeddings(X, labels, top_k=80, candidates=40)
+        assert ranking.candidates == 40 and len({r.source for r in ranking}) == 40
+        for result in ranking:
+            assert result.score == pytest.approx(full[result.source], rel=1e-9)
+        sampled = {f"s{i}" for i in index.prefilter().calibration_sample(16)}
+        assert (sampled <= {r.source for r in ranking}) == bool(calibration)
+
+
+@pytest.mark.parametrize("n", [10, 120])  # calibrated first pass, plain one
+def test_sources_removed_since_the_prefilter_was_built_drop_out(tmp_path, n):
+    W, b = structured_maps(80)
+    X, labels = target(n=n)
+    with index_of(tmp_path / "index", W, b, calibration=16, screen=6.5, anchors=20, local_rank=2) as index:
+        stale = index.prefilter()
+        gone = {f"s{i}" for i in stale.calibration_sample(16)[:4]} | {"s0", "s1", "s2"}
+        for name in gone:
+            index.remove(name)
+        ranking = rank(index.store, stale, X, labels, top_k=80, candidates=40)
+        assert ranking.candidates == 40 and not gone & {r.source for r in ranking}
+
+
 def test_prefilter_settings_are_checked():
-    for bad in ({"rank": 0}, {"train_max": 0}, {"exact_max": -5}, {"nprobe": 0}, {"rank": 1.5}, {"seed": True}):
+    for bad in ({"rank": 0}, {"train_max": 0}, {"exact_max": -5}, {"nprobe": 0}, {"rank": 1.5}, {"seed": True},
+                {"calibration": -1}, {"calibration": 2.0}):
         with pytest.raises(ESMIndexError, match="prefilter"):
             PrefilterConfig(**bad)
     legacy = {"rank": 24, "sketch_rank": 64, "seed": 0, "shortlist": 0, "exact_max": 50_000, "nprobe": 64}

@@ -56,8 +56,7 @@ from esm_index.embed import DEFAULT_BASE_MODEL, Encoder  # noqa: E402
 from esm_index.evaluate import recall_at_k  # noqa: E402
 from esm_index.logme import TargetStats, encode_labels, logme_from_stats  # noqa: E402
 from esm_index.prefilter import Basis, Prefilter, PrefilterConfig, faiss_index, log_moments  # noqa: E402
-from esm_index.query import DEFAULT_CANDIDATES  # noqa: E402
-from esm_index.surrogate import select  # noqa: E402
+from esm_index.query import DEFAULT_CANDIDATES, choose  # noqa: E402
 
 RECALL_K = (5, 10)
 CANDIDATES = (10, 20, 50, 100, 200)
@@ -131,7 +130,8 @@ def pool_folder(cache, names, size, seed):
 def run_size(args, size):
     """Everything measured for one pool size; returns a JSON-able dict."""
     faiss.omp_set_num_threads(args.threads)
-    config = PrefilterConfig(screen=args.screen, anchors=args.anchors, local_rank=args.local_rank, batch=args.batch)
+    config = PrefilterConfig(screen=args.screen, anchors=args.anchors, local_rank=args.local_rank, batch=args.batch,
+                             calibration=args.calibration)
     names, weights, biases, base_model = load_real(args.real)
     pool = DerivedPool.derive(names, weights, biases, size, seed=args.seed)
     dim = weights.shape[1]
@@ -177,7 +177,7 @@ def run_size(args, size):
 
             def rescore(picks):
                 started = time.perf_counter()
-                W, b = pool.materialise(ids[picks])
+                W, b = pool.materialise(picks)
                 times["materialise"] += time.perf_counter() - started
                 started = time.perf_counter()
                 scores = logme_from_stats(W, b, stats)
@@ -185,9 +185,7 @@ def run_size(args, size):
                 return scores
 
             started = time.perf_counter()
-            ids, first_pass = prefilter.search(X, Y, config.screened(size, args.candidates))
-            select(first_pass, prefilter.coordinates_of(ids), args.candidates, rescore, config.anchors,
-                   config.local_rank, config.batch)
+            choose(prefilter, X, Y, args.candidates, rescore, config)
             times["prefilter"] = time.perf_counter() - started - times["materialise"] - times["rescore"]
             times["query"] = sum(times[k] for k in ("statistics", "prefilter", "rescore"))
             for key, value in times.items():
@@ -196,14 +194,12 @@ def run_size(args, size):
             sample = f"-n{args.examples}-seed{args.seed}" if args.examples else ""
             scores, seconds = exact_scan(pool, X, labels, work / f"scan-{name}{sample}.npz")
             latency.setdefault("exact_scan", []).append(seconds)
-            ids, first_pass = prefilter.search(X, Y, config.screened(size, max(CANDIDATES)))
-            coordinates = prefilter.coordinates_of(ids)
             for K in CANDIDATES:
-                chosen, _ = select(first_pass, coordinates, K, lambda picks: scores[ids[picks]],
-                                   config.anchors, config.local_rank, config.batch)
+                chosen, _ = choose(prefilter, X, Y, K, lambda picks: scores[picks], config)
+                first_pass, _ = prefilter.search(X, Y, K)
                 for k in RECALL_K:
-                    recall.setdefault(f"r@{k} K={K}", []).append(recall_at_k(scores, ids[chosen], k))
-                    recall.setdefault(f"r@{k} K={K}, first pass", []).append(recall_at_k(scores, ids[:K], k))
+                    recall.setdefault(f"r@{k} K={K}", []).append(recall_at_k(scores, chosen, k))
+                    recall.setdefault(f"r@{k} K={K}, first pass", []).append(recall_at_k(scores, first_pass, k))
         print(f"  {size}: {name} done", file=sys.stderr, flush=True)
     out["latency_p50"] = {k: float(np.median(v)) for k, v in latency.items()}
     out["latency_p90"] = {k: float(np.percentile(v, 90)) for k, v in latency.items()}
@@ -285,6 +281,8 @@ def main():
     parser.add_argument("--anchors", type=int, default=default.anchors, help="second stage: exactly scored anchors")
     parser.add_argument("--local-rank", type=int, default=default.local_rank, help="second stage: local directions")
     parser.add_argument("--batch", type=int, default=default.batch, help="second stage: rescored per model refit")
+    parser.add_argument("--calibration", type=int, default=default.calibration,
+                        help="targets with n < d: sources rescored to calibrate the first pass (0: never)")
     parser.add_argument("--quick", action="store_true", help="2 targets, 1 repeat, 1 scan, no embedding timing")
     parser.add_argument("--json", type=Path, help="also write the results here")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)  # internal: one size, JSON to stdout
