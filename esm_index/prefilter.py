@@ -52,7 +52,8 @@ class PrefilterConfig:
     train_max: int = 2048  # sources the basis is trained on at most (a seeded sample beyond)
     seed: int = 0  # of that sample and of the IVF training sample
     exact_max: int = 50_000  # up to this many sources FAISS searches exhaustively (IndexFlatIP)
-    nprobe: int = 64  # IVF lists visited per search beyond exact_max (with 4 sqrt(N) lists)
+    nprobe: int = 64  # IVF lists visited per search beyond exact_max at least (with 4 sqrt(N) lists; more if
+    # the screen needs them: lists holding twice the screen on average)
     screen: float = 30.0  # FAISS passes screen * sqrt(N) candidates (at least the budget) to the second stage
     anchors: int = 24  # of those, spread ones rescored exactly first (surrogate.py)
     local_rank: int = 8  # the second stage's local coordinates: its model's inputs
@@ -328,8 +329,15 @@ class Prefilter:
             raise ESMIndexError(f"the number of candidates must be positive, got {k}")
         if self.index is None or not self.index.ntotal:
             return np.zeros(0, np.int64), np.zeros(0, np.float32)
-        query = self.basis.query(X, Y)
-        scores, ids = self.index.search(query[None], min(k, self.index.ntotal))
+        import faiss
+
+        query, k = self.basis.query(X, Y), min(k, self.index.ntotal)
+        params = None
+        if isinstance(self.index, faiss.IndexIVF):  # visit lists holding twice the screen, on average
+            lists = self.index.nlist
+            nprobe = max(self.index.nprobe, math.ceil(2 * k * lists / self.index.ntotal))
+            params = faiss.SearchParametersIVF(nprobe=min(lists, nprobe))
+        scores, ids = self.index.search(query[None], k, params=params)
         found = ids[0] >= 0
         return ids[0][found], scores[0][found]
 
@@ -387,7 +395,7 @@ def _moments(store, txn, names):
 def faiss_index(vectors, ids, config):
     """An exhaustive inner-product index (IndexFlatIP) up to `config.exact_max` vectors, else an inverted
     file (IVF, 4 sqrt(N) lists but at least 39 vectors per list, k-means trained on a seeded sample,
-    `config.nprobe` lists searched).
+    at least `config.nprobe` lists searched: `Prefilter.search` visits more when the screen needs them).
     None for an empty pool."""
     import faiss
 

@@ -149,6 +149,18 @@ def test_faiss_index_is_exhaustive_while_small_and_ivf_beyond():
     assert all(set(e) == set(a) for e, a in zip(exact, ivf.search(query, 50)[1]))
 
 
+def test_ivf_visits_as_many_lists_as_the_screen_needs(tmp_path):
+    W, b = structured_maps(80)
+    X, labels = target()
+    Y = encode_labels(labels, False)
+    with index_of(tmp_path / "index", W, b, exact_max=10, nprobe=1) as index:
+        prefilter = index.prefilter()
+        assert prefilter.index.nlist == 2 and prefilter.index.nprobe == 1  # one list holds about half the pool
+        ids, _ = prefilter.search(X, Y, 60)
+        linear = prefilter.vectors @ prefilter.basis.query(X, Y)
+        assert set(ids) == set(prefilter.ids[np.argsort(-linear)[:60]])
+
+
 def index_of(path, W, b, **config):
     index = ESMIndex.create(path, base_model="base", dim=DIM, prefilter=PrefilterConfig(**config))
     for k in range(len(W)):
