@@ -66,12 +66,11 @@ def select(first_pass, coordinates, budget, rescore, anchors=24, local_rank=8, b
     chosen = farthest_points(models[0].local, spread_count, first=min(FIRST_PASS_ANCHORS, spread_count // 3))
     scores = rescore(chosen)
     while len(chosen) < budget:
-        size, picks = min(batch, budget - len(chosen)), []
-        for m, model in enumerate(models):
+        picks = []
+        for model, share in zip(models, np.array_split(np.arange(min(batch, budget - len(chosen))), len(models))):
             bound = model.upper_bound(chosen, scores)
             bound[np.concatenate([chosen, picks]).astype(int)] = -np.inf
-            share = size - len(picks) if m == len(models) - 1 else -(-size // len(models))
-            picks += np.argsort(-bound, kind="stable")[:share].tolist()
+            picks += np.argsort(-bound, kind="stable")[: len(share)].tolist()
         picks = np.array(picks, dtype=int)
         chosen, scores = np.concatenate([chosen, picks]), np.concatenate([scores, rescore(picks)])
     return chosen, scores
@@ -115,16 +114,17 @@ class Model:
     def __init__(self, first_pass, local, view, budget):
         self.local, self.exploration = local, view.exploration
         self.trend = trend_features(first_pass, local if view.local_trend else None)
-        self.squared = np.empty((len(local), budget), np.float32)  # column j: to the j-th rescored (float32:
-        # the kernel only ranks candidates, and at 10^4 candidates its exponentials are this stage's main cost)
+        # column j: squared distances to the j-th candidate rescored, over local_rank. float32: the kernel only
+        # ranks candidates, and at 10^4 of them its exponentials are this stage's main cost
+        self.squared = np.empty((len(local), budget), np.float32)
         self.filled = 0
 
     def upper_bound(self, chosen, scores):
         """Posterior mean + `exploration` standard deviations of every candidate's exact score, from the
         finite ones among the chosen; with too few of those for the trend, the first pass's order (a
         decreasing ramp)."""
-        new = chosen[self.filled :]
-        self.squared[:, self.filled : len(chosen)] = squared_distances(self.local, self.local[new]) / self.local.shape[1]
+        new = self.local[chosen[self.filled :]]
+        self.squared[:, self.filled : len(chosen)] = squared_distances(self.local, new) / self.local.shape[1]
         self.filled = len(chosen)
         finite = np.isfinite(scores)
         known, values = chosen[finite], scores[finite]
