@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from test_prefilter import index_of, structured_maps, target
 
-from esm_index import ESMIndexError
+from esm_index import ESMIndexError, surrogate
 from esm_index.evaluate import recall_at_k
 from esm_index.prefilter import PrefilterConfig
 from esm_index.surrogate import (FIRST_PASS_ANCHORS, farthest_points, least_anchors, principal_coordinates, scaled,
@@ -54,6 +54,15 @@ def test_rescoring_comes_in_anchors_then_batches():
     assert calls == [24] + [8] * 9 + [4]
     chosen, _ = select(first_pass, coordinates, 100, Rescorer(exact))
     np.testing.assert_array_equal(chosen[:FIRST_PASS_ANCHORS], np.arange(FIRST_PASS_ANCHORS))  # the first pass's best
+
+
+def test_models_stop_evaluating_candidates_far_below_their_best(monkeypatch):
+    first_pass, coordinates, exact = curved_region(3000)
+    assert len(first_pass) > surrogate.ACTIVE
+    pruned, _ = select(first_pass, coordinates, 100, Rescorer(exact))
+    monkeypatch.setattr(surrogate, "ACTIVE", 10**9)  # every candidate evaluated every round
+    full, _ = select(first_pass, coordinates, 100, Rescorer(exact))
+    assert recall_at_k(exact, pruned, 5) == recall_at_k(exact, full, 5) and len(set(pruned) & set(full)) >= 90
 
 
 def test_all_candidates_are_rescored_when_they_fit_the_budget():
