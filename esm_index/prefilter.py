@@ -58,7 +58,8 @@ class PrefilterConfig:
     anchors: int = 24  # of those, spread ones rescored exactly first (surrogate.py)
     local_rank: int = 8  # the second stage's local coordinates: its model's inputs
     batch: int = 8  # then rescored this many at a time, the model refitted after each
-    calibration: int = 32  # targets with fewer examples than dimensions: sources rescored to calibrate the first pass
+    calibration: int = 32  # for targets of fewer examples than dimensions: sources rescored to calibrate the
+    # first pass (0: never)
 
     def __post_init__(self):
         for f in fields(self):
@@ -359,9 +360,12 @@ class Prefilter:
         """Like `search`, for targets whose linearised evidence misleads: with fewer examples than dimensions
         the evidence is dominated by its curvature, and the first pass ranks the exact best near the bottom
         (BENCHMARKS.md, "Second stage"). a + b <q, x> + c |x|^2 is fitted by least squares to the exact
-        scores of a `sample` of sources (`calibration_sample`), and every source ranked by b <q, x> + c |x|^2 (|x|: its
-        distance from the pool's mean log map, where the curvature acts). Exhaustive, over the coordinates in
-        memory (64 floats a source: milliseconds at 10^6). Too few finite scores: `search`."""
+        scores of a `sample` of sources (`calibration_sample`), and every source ranked by
+        b <q, x> + c |x|^2 (|x|: its distance from the pool's mean log map, where the curvature acts).
+        Exhaustive, over the coordinates in memory (64 floats a source: milliseconds at 10^6). Too few
+        finite scores: `search`."""
+        if k <= 0:
+            raise ESMIndexError(f"the number of candidates must be positive, got {k}")
         finite = np.isfinite(exact)
         if finite.sum() < 4:
             return self.search(X, Y, k)

@@ -77,7 +77,8 @@ def prefiltered(store, txn, prefilter, X, Y, budget, rescore, config):
         names.update(zip(ids.tolist(), found))
         return np.array([n is not None for n in found], bool)
 
-    ids, scores = choose(prefilter, X, Y, budget, lambda ids: rescore([names[i] for i in ids.tolist()]), config, stored)
+    ids, scores = choose(prefilter, X, Y, budget, lambda ids: rescore([names[i] for i in ids.tolist()]), config,
+                         stored)
     return [names[i] for i in ids.tolist()], scores
 
 
@@ -85,8 +86,8 @@ def choose(prefilter, X, Y, budget, rescore, config, stored=None):
     """The `budget` source ids chosen for exact rescoring and their exact scores (rescore(ids) -> scores).
     The first pass screens (prefilter.py): FAISS on the linearised evidence or, for a target with fewer
     examples than dimensions, that evidence calibrated on the exact scores of `config.calibration`
-    sources rescored first; the second stage picks among the screened (surrogate.py). stored(ids), if given, masks
-    the ids still in the store."""
+    sources rescored first; the second stage picks among the screened (surrogate.py). stored(ids), if
+    given, masks the ids still in the store."""
     present = stored or (lambda ids: np.ones(len(ids), bool))
     sample, exact = np.zeros(0, np.int64), np.zeros(0)
     screened = config.screened(len(prefilter.ids), budget)

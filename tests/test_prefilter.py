@@ -249,6 +249,8 @@ def test_calibrated_first_pass_ranks_by_the_curvature_it_is_fitted_to(tmp_path):
         unusable = np.full(len(sample), np.nan)
         unusable[:3] = exact[:3]
         np.testing.assert_array_equal(prefilter.calibrated_search(X, Y, 10, sample, unusable)[0], plain)
+        with pytest.raises(ESMIndexError, match="must be positive"):
+            prefilter.calibrated_search(X, Y, 0, sample, exact)
 
 
 def test_calibration_sample_takes_the_rim_and_spreads_inward(tmp_path):
