@@ -13,9 +13,9 @@ sample of at most `train_max` sources, as FAISS trains its PCAMatrix or IVF quan
 query vector is dE/dL on the same directions. For a pool of at most rank + 1 sources the coordinates are
 exact. Only W and b are needed, so imported ESMs without source texts are prefiltered alike. The first
 pass's best screen * sqrt(N) (30 sqrt(N) by default) go on to the second stage (surrogate.py), which
-picks those rescored exactly. For a target with fewer examples than dimensions the linearisation misleads
-(the evidence's curvature dominates; the first pass ranks the best maps near the bottom), so the first pass
-is calibrated there: a + b <q, x> + c |x|^2, fitted to the exact scores of `calibration` sources
+picks those rescored exactly. For a target with far fewer examples than dimensions the linearisation
+misleads (the evidence's curvature dominates; the first pass ranks the best maps near the bottom), so the
+first pass is calibrated there: a + b <q, x> + c |x|^2, fitted to the exact scores of `calibration` sources
 (`calibrated_search`; query.choose decides when).
 
 Everything here is derived data, saved in `prefilter.npz` with the store's generation: the basis, every
@@ -58,8 +58,8 @@ class PrefilterConfig:
     anchors: int = 24  # of those, spread ones rescored exactly first (surrogate.py)
     local_rank: int = 8  # the second stage's local coordinates: its model's inputs
     batch: int = 8  # then rescored this many at a time, the model refitted after each
-    calibration: int = 32  # for targets of fewer examples than dimensions: sources rescored to calibrate the
-    # first pass (0: never)
+    calibration: int = 32  # for targets of fewer examples than half the dimensions: sources rescored to
+    # calibrate the first pass (0: never)
 
     def __post_init__(self):
         for f in fields(self):
@@ -357,8 +357,8 @@ class Prefilter:
         return np.sort(self.ids[np.concatenate([order[: count // 2], order[spaced]])])
 
     def calibrated_search(self, X, Y, k, sample, exact):
-        """Like `search`, for targets whose linearised evidence misleads: with fewer examples than dimensions
-        the evidence is dominated by its curvature, and the first pass ranks the exact best near the bottom
+        """Like `search`, for targets whose linearised evidence misleads: with far fewer examples than
+        dimensions the evidence is dominated by its curvature, and the first pass ranks the exact best near the bottom
         (BENCHMARKS.md, "Second stage"). a + b <q, x> + c |x|^2 is fitted by least squares to the exact
         scores of a `sample` of sources (`calibration_sample`), and every source ranked by
         b <q, x> + c |x|^2 (|x|: its distance from the pool's mean log map, where the curvature acts).
