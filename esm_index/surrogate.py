@@ -30,6 +30,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.linalg import cho_solve, solve_triangular
 
+from .logme import single_threaded_blas
+
 LENGTH_SCALES = (0.25, 0.5, 1.0, 2.0)  # of the kernel, per unit of local distance / sqrt(local_rank)
 NOISES = (1e-3, 1e-2, 1e-1)  # kernel diagonal: the share of the residual's variance the kernel leaves out
 FIRST_PASS_ANCHORS = 8  # of the anchors, the first pass's best (at most a third of them)
@@ -64,16 +66,18 @@ def select(first_pass, coordinates, budget, rescore, anchors=24, local_rank=8, b
     if spread_count < least_anchors(local_rank):
         chosen = np.arange(budget)
         return chosen, rescore(chosen)
-    principal = principal_coordinates(coordinates, local_rank)
-    models = [Model(first_pass, scaled(principal, view.standardised), view, budget) for view in VIEWS]
-    chosen = farthest_points(models[0].local, spread_count, first=min(FIRST_PASS_ANCHORS, spread_count // 3))
+    with single_threaded_blas():  # small products: threads gain nothing, and their spinning slows rescore
+        principal = principal_coordinates(coordinates, local_rank)
+        models = [Model(first_pass, scaled(principal, view.standardised), view, budget) for view in VIEWS]
+        chosen = farthest_points(models[0].local, spread_count, first=min(FIRST_PASS_ANCHORS, spread_count // 3))
     scores = rescore(chosen)
     while len(chosen) < budget:
         picks = []
-        for model, share in zip(models, np.array_split(np.arange(min(batch, budget - len(chosen))), len(models))):
-            bound = model.upper_bound(chosen, scores)
-            bound[np.concatenate([chosen, picks]).astype(int)] = -np.inf
-            picks += np.argsort(-bound, kind="stable")[: len(share)].tolist()
+        with single_threaded_blas():
+            for model, share in zip(models, np.array_split(np.arange(min(batch, budget - len(chosen))), len(models))):
+                bound = model.upper_bound(chosen, scores)
+                bound[np.concatenate([chosen, picks]).astype(int)] = -np.inf
+                picks += np.argsort(-bound, kind="stable")[: len(share)].tolist()
         picks = np.array(picks, dtype=int)
         chosen, scores = np.concatenate([chosen, picks]), np.concatenate([scores, rescore(picks)])
     return chosen, scores
