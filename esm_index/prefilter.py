@@ -347,12 +347,17 @@ class Prefilter:
         """Every source's squared distance from the basis's centre (the pool's mean log map), float64."""
         return (self.vectors.astype(np.float64) ** 2).sum(1)
 
+    @cached_property
+    def outward(self):
+        """Row indices, the farthest from the centre first (target-independent: sorted once per prefilter)."""
+        return np.argsort(-self.radii, kind="stable")
+
     def calibration_sample(self, count):
         """`count` source ids to calibrate the first pass on: half the farthest from the centre (where the
         curvature acts most), half at evenly spaced quantiles of that distance further in; all if fewer."""
         if len(self.ids) <= count:
             return self.ids.copy()
-        order = np.argsort(-self.radii, kind="stable")
+        order = self.outward
         spaced = np.linspace(count // 2, len(order) - 1, count - count // 2).round().astype(int)
         return np.sort(self.ids[np.concatenate([order[: count // 2], order[spaced]])])
 
