@@ -1,11 +1,14 @@
 """LogME, and exact ESM-LogME rescoring from a target's sufficient statistics.
 
 LogME (You et al., thuml/LogME `_fit_fixed_point`) needs, per label column y, only the spectrum
-s2 of G = F^T F and the squared projections x2 = (V^T F^T y)^2 / s2 of y on its eigenvectors, plus
-y^T y and n. For mapped features F = X~ W~^T (X~ = [X, 1], W~ = [W, b]) these follow from
+s2 of G = F^T F, y^T y, n and, at each step of its fixed point, two forms of the ridge solution
+m = (G + t I)^-1 F^T y: y^T F m and |m|^2 (thuml reads them off the projections of y on G's
+eigenvectors). For mapped features F = X~ W~^T (X~ = [X, 1], W~ = [W, b]) all of it follows from
 A = X~^T X~ and B = X~^T Y, computed once per target: G = W~ A W~^T and F^T Y = W~ B. So each ESM
-costs O(d^3) however large n is (O(r d^2) when A has rank r < d, e.g. n < d: the eigh is then r x r), and
-F is never built. logme_score is the plain version on materialised F.
+costs O(d^3) however large n is (O(r d^2) when A has rank r < d, e.g. n < d: the decomposition is then
+r x r), and F is never built. The rescoring path never forms an eigenvector either: G = Q T Q^T
+(tridiagonal T), F^T Y rotated by Q once, T's eigenvalues, and each form one O(d) solve with T + t I.
+logme_score is the plain version on materialised F, through G's eigenvectors as thuml does.
 
 Rank cut-off (shared by every path here, so they agree on degenerate input): an eigenvalue s2 of G
 counts as signal when its singular value sqrt(s2) > 1e-10 (thuml's rule) AND s2 > max(s2) * max(n, d) * eps
@@ -31,10 +34,11 @@ from dataclasses import dataclass
 from functools import cached_property, partial
 
 import numpy as np
-from scipy.linalg import blas, lapack
+from scipy.linalg import lapack, solve_triangular
 from threadpoolctl import ThreadpoolController
 
 from esm_index.errors import ESMIndexError
+from esm_index.linalg import NotPositiveDefinite, Tridiagonal, lower_transposed_product
 
 EPS = np.finfo(np.float64).eps
 MAX_ITERATIONS = 11  # thuml's cap
@@ -113,24 +117,22 @@ def _zeros(s2: np.ndarray, keep: np.ndarray, n: int, d: int) -> int:
     return max(min(n, d) - int(keep.sum()) - dropped, 0)
 
 
-def _fixed_point(s2: np.ndarray, x2: np.ndarray, res_x2: np.ndarray, n: int):
+def _fixed_point(s2: np.ndarray, forms, yy: np.ndarray, n: int):
     """thuml's fixed point for all label columns at once, each until its own convergence, exactly like the
-    reference's loop per class. s2: (k,) kept eigenvalues of G = F^T F; x2: (C, k) squared projections
-    (u_i^T y_c)^2; res_x2: (C,) energy of each y_c outside the kept span. Returns alpha, beta and the
-    fitted m2 = |m|^2 and res2 = |y - F m|^2, each (C,)."""
-    C = len(x2)
+    reference's loop per class. s2: (k,) kept eigenvalues of G = F^T F; yy: (C,) y^T y per column;
+    forms(t, cols) -> (y^T F m, |m|^2) for the columns cols, each at its own t = alpha / beta, where
+    m = (G + t I)^-1 F^T y is the ridge solution. Returns alpha, beta and the fitted m2 = |m|^2 and
+    res2 = |y - F m|^2 = y^T y - y^T F m - t |m|^2, each (C,)."""
+    C = len(yy)
     alpha, beta = np.ones(C), np.ones(C)
     m2, res2 = np.zeros(C), np.zeros(C)
     live = np.arange(C)                         # columns still iterating
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         for _ in range(MAX_ITERATIONS):
             t = alpha[live] / beta[live]
-            u = s2 / (s2 + t[:, None])          # s2 / (s2 + t)
-            v = 1.0 - u                         # 1 / (1 + s2 / t)
-            xv = x2[live] * v
-            gamma = u.sum(1)
-            m2[live] = np.einsum("ij,ij->i", xv, u) / t             # sum s2 x2 / (t + s2)^2
-            res2[live] = np.einsum("ij,ij->i", xv, v) + res_x2[live]  # sum x2 / (1 + s2/t)^2 + res_x2
+            gamma = (s2 / (s2 + t[:, None])).sum(1)
+            fitted, m2[live] = forms(t, live)
+            res2[live] = np.maximum(yy[live] - fitted - t * m2[live], 0.0)
             alpha[live] = gamma / (m2[live] + RIDGE)
             beta[live] = (n - gamma) / (res2[live] + RIDGE)
             live = live[~(np.abs(alpha[live] / beta[live] - t) / t <= TOLERANCE)]
@@ -139,24 +141,60 @@ def _fixed_point(s2: np.ndarray, x2: np.ndarray, res_x2: np.ndarray, n: int):
     return alpha, beta, m2, res2
 
 
-def _evidence(s2: np.ndarray, z2: np.ndarray, yy: np.ndarray, n: int, d: int) -> float:
+def _eigen_forms(s2: np.ndarray, z2: np.ndarray):
+    """The fixed point's forms from G's kept eigenvalues s2 (k,) and the squared projections
+    z2 (C, k) = (v_i^T F^T y)^2 of each label column on their eigenvectors."""
+    def forms(t, cols):
+        r = 1.0 / (s2 + t[:, None])
+        fitted = z2[cols] * r                   # z2 / (s2 + t)
+        return fitted.sum(1), (fitted * r).sum(1)
+    return forms
+
+
+def _tridiagonal_forms(M: np.ndarray, c: np.ndarray, kernel: bool):
+    """Eigenvalues of the symmetric M and the fixed point's forms, without eigenvectors.
+
+    M = Q T Q^T with T tridiagonal and c -> Q^T c; T's eigenvalues come from the root-free QR, and each
+    form is one O(k) solve x = (T + t I)^-1 c. Either M = G and c = F^T y: y^T F m = c^T x, |m|^2 = x^T x;
+    or (`kernel`) M = P P^T and c = beta for G = P^T P and F^T y = P^T beta: y^T F m = x^T T c and
+    |m|^2 = x^T T x (push-through). Half the cost of an eigh with eigenvectors, none of which is formed.
+    The forms raise linalg.NotPositiveDefinite when t is below T's rounding."""
+    if not len(M):
+        return np.zeros(0), None  # no spectrum: _evidence returns NaN before any form is needed
+    T = Tridiagonal.of(M)
+    c = T.rotate(c)
+    Tc = T.times(c) if kernel else c
+
+    def forms(t, cols):
+        x = T.solve_shifted(t, c[:, cols])
+        return (Tc[:, cols] * x).sum(0), (x * (T.times(x) if kernel else x)).sum(0)
+    return T.eigenvalues(), forms
+
+
+def _evidence(s2: np.ndarray, forms, yy: np.ndarray, n: int, d: int) -> float:
     """thuml's fixed-point LogME, all label columns at once; the class-averaged evidence, NaN if not finite.
 
-    s2: (k,) eigenvalues of G = F^T F; z2: (C, k) squared projections (V^T F^T y_c)^2; yy: (C,) y_c^T y_c.
+    s2: (k,) eigenvalues of G = F^T F; forms: see _fixed_point (a rounding-level eigenvalue's direction
+    adds only rounding to them); yy: (C,) y_c^T y_c.
     """
     keep = _kept(s2, n, d)
     if not keep.any():
         return np.nan
     zeros = _zeros(s2, keep, n, d)              # F's rounding-level singular values: log(alpha + 0) each
     s2 = s2[keep]
-    x2 = z2[:, keep] / s2                       # (u_i^T y)^2 in thuml's notation
-    alpha, beta, m2, res2 = _fixed_point(s2, x2, np.maximum(yy - x2.sum(1), 0.0), n)
+    alpha, beta, m2, res2 = _fixed_point(s2, forms, yy, n)
     with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
         logdet = np.log(alpha[:, None] + beta[:, None] * s2).sum(1) + zeros * np.log(alpha)
         evidence = (d / 2 * np.log(alpha) + n / 2 * np.log(beta) - logdet / 2
                     - beta / 2 * res2 - alpha / 2 * m2 - n / 2 * np.log(2 * np.pi)) / n
     score = float(evidence.mean())
     return score if np.isfinite(score) else np.nan
+
+
+def _eigen_evidence(s2, z, yy, n, d) -> float:
+    """_evidence from an eigendecomposition: z (k, C) = V^T F^T Y; cut eigenvalues' directions dropped."""
+    keep = _kept(s2, n, d)
+    return _evidence(s2, _eigen_forms(s2[keep], (z[keep].T) ** 2), yy, n, d)
 
 
 def logme_score(features, labels, regression=False) -> float:
@@ -170,7 +208,7 @@ def logme_score(features, labels, regression=False) -> float:
     else:
         U, s, _ = np.linalg.svd(F, full_matrices=False)
         s2, z = s**2, s[:, None] * (U.T @ Y)  # V^T F^T Y, as in the Gram branch
-    return _evidence(s2, z.T**2, (Y * Y).sum(0), n, d)
+    return _eigen_evidence(s2, z, (Y * Y).sum(0), n, d)
 
 
 @dataclass(frozen=True)
@@ -208,36 +246,46 @@ class TargetStats:
         c, pivot, rank, _ = lapack.dpstrf(self.A, lower=1)
         return pivot - 1, np.asfortranarray(np.tril(c)[:, :rank])  # beyond rank: below rounding level
 
+    @cached_property
+    def coefficients(self) -> np.ndarray:
+        """beta (r, C) with B[p] = L beta: B = X~^T Y lies in the span of A = X~^T X~, so for any map
+        W~ B = W~[:, p] L beta = P^T beta (the kernel side of _esm_logme)."""
+        pivot, L = self.factor
+        rank = L.shape[1]
+        return solve_triangular(L[:rank], self.B[pivot][:rank], lower=True)
+
 
 def _esm_logme(W: np.ndarray, b: np.ndarray, stats: TargetStats) -> float:
-    """ESM-LogME of one ESM: G = W~ A W~^T, its eigh, z = V^T W~ B. NaN, not an exception, when W~ is
-    not finite or eigh fails, so one bad ESM does not sink the batch.
+    """ESM-LogME of one ESM from G = W~ A W~^T = P^T P and F^T Y = W~ B, with P = (W~[:, p] L)^T of r rows.
+    NaN, not an exception, when W~ is not finite or a decomposition fails, so one bad ESM does not sink the
+    batch.
 
-    With P = (W~[:, p] L)^T of r rows, G = P^T P (d x d). When r < d (a target of fewer examples than
-    dimensions) its nonzero eigenvalues are those of the r x r matrix P P^T = U S2 U^T, with eigenvectors
-    v = P^T u / sqrt(s2), so z^2 = (u^T P W~ B)^2 / s2: an r x r eigh instead of d x d. (Near the rank
-    cut-off z then carries a relative error ~ s_max / s, as the d x d side's eigenvalues are rounding-level
-    there too.)"""
+    G is tridiagonalised and each label column's forms solved on it (_tridiagonal_forms). When r < d (a
+    target of fewer examples than dimensions) the r x r kernel side P P^T is decomposed instead: it has G's
+    nonzero eigenvalues, and F^T Y = W~ B = P^T beta (stats.coefficients). Should the fixed point drive t
+    below the decomposition's rounding, G's eigenvectors are formed after all and its cut directions
+    dropped (thuml's semantics, see the module docstring)."""
     Wt = np.concatenate([W, b[:, None]], axis=1, dtype=np.float64)
     if not np.isfinite(Wt).all():
         return np.nan
     pivot, L = stats.factor
     if L.shape[1] == len(L):
-        P = blas.dtrmm(1.0, L, Wt[:, pivot].T, lower=1, trans_a=1)  # (d+1, d)
+        P = lower_transposed_product(L, Wt[:, pivot].T)  # (d+1, d)
     else:
         P = L.T @ Wt[:, pivot].T  # (r, d)
-    WB = Wt @ stats.B
+    n, d = stats.n, len(W)
     try:
-        if len(P) < len(W):
-            s2, U = np.linalg.eigh(P @ P.T)
-            with np.errstate(divide="ignore", invalid="ignore"):
-                z2 = ((U.T @ (P @ WB)) ** 2).T / s2  # columns of rounding-level s2 are cut by _evidence
-        else:
+        try:
+            if len(P) < d:
+                s2, forms = _tridiagonal_forms(P @ P.T, stats.coefficients, kernel=True)
+            else:
+                s2, forms = _tridiagonal_forms(P.T @ P, Wt @ stats.B, kernel=False)
+            return _evidence(s2, forms, stats.yy, n, d)
+        except NotPositiveDefinite:
             s2, V = np.linalg.eigh(P.T @ P)  # numpy runs this product as a symmetric rank-k update
-            z2 = ((V.T @ WB) ** 2).T
+            return _eigen_evidence(s2, V.T @ (Wt @ stats.B), stats.yy, n, d)
     except np.linalg.LinAlgError:
         return np.nan
-    return _evidence(s2, z2, stats.yy, stats.n, len(W))
 
 
 def logme_from_stats(weights, biases, stats: TargetStats, batch_size=64) -> np.ndarray:
@@ -245,12 +293,13 @@ def logme_from_stats(weights, biases, stats: TargetStats, batch_size=64) -> np.n
 
     weights: (K, d, d) array or sequence of (d, d) arrays, any float dtype; biases: (K, d).
     Returns float64 (K,), NaN where the score is not finite (e.g. a non-finite or all-zero map).
-    Each ESM costs a triangular product, a symmetric update and an eigh of d x d however large n is (of
-    r x r when the target's A has rank r < d: fewer examples than dimensions). ESMs run
-    in parallel threads with single-threaded BLAS: measured here, that beats threaded BLAS inside one
-    eigh, and it does not collapse when other jobs load the cores; the fixed-point loop of each ESM
-    is vectorised over its classes and stays in cache. batch_size ESMs are read at a time, so memory
-    is O(batch_size * d^2) for their weights plus O(d^2 + C d) per thread.
+    Each ESM costs a triangular product, a symmetric update and a tridiagonalisation of d x d however
+    large n is (of r x r when the target's A has rank r < d: fewer examples than dimensions). ESMs run
+    in parallel threads with single-threaded BLAS (esm_index.linalg: the LAPACK calls release the GIL):
+    measured here, that beats threaded BLAS inside one decomposition, and it does not collapse when other
+    jobs load the cores; the fixed-point loop of each ESM is vectorised over its classes and stays in
+    cache. batch_size ESMs are read at a time, so memory is O(batch_size * d^2) for their weights plus
+    O(d^2 + C d) per thread.
     """
     d = stats.A.shape[0] - 1
     K = len(weights)
@@ -259,7 +308,7 @@ def logme_from_stats(weights, biases, stats: TargetStats, batch_size=64) -> np.n
         raise ESMIndexError(f"expected biases of shape ({K}, {d}) for {K} ESMs of dimension {d}, got {biases.shape}")
     if batch_size < 1:
         raise ESMIndexError(f"batch_size must be >= 1, got {batch_size}")
-    stats.factor  # noqa: B018 - computed once, here, not raced for by the threads
+    stats.factor, stats.coefficients  # noqa: B018 - computed once, here, not raced for by the threads
     score = partial(_esm_logme, stats=stats)
     scores = np.empty(K)
     with single_threaded_blas(), ThreadPoolExecutor(min(_cpus(), batch_size)) as pool:

@@ -143,7 +143,7 @@ def evidence_gradient(X, Y, values, vectors):
     The pieces are gamma, m2 = y^T S R^2 y and res2 = t^2 y^T R^2 y, with dgamma/dS = t R^2,
     dm2/dS = -R y y^T R + t (R y y^T R^2 + R^2 y y^T R) and dres2/dS = -t^2 (R y y^T R^2 + R^2 y y^T R);
     dE/dM = X~^T dE/dS X~."""
-    from .logme import RIDGE, _fixed_point, _kept, _zeros
+    from .logme import RIDGE, _eigen_forms, _fixed_point, _kept, _zeros
 
     n, d = X.shape
     Xt = np.hstack([X, np.ones((n, 1))])
@@ -156,7 +156,7 @@ def evidence_gradient(X, Y, values, vectors):
     Uy = U.T @ Y  # (k, C): F's left singular vectors against each label column
     x2 = (Uy**2).T
     res_x2 = np.maximum((Y * Y).sum(0) - x2.sum(1), 0.0)  # energy of each y outside the span of F
-    alpha, beta, _, _ = _fixed_point(s2, x2, res_x2, n)
+    alpha, beta, _, _ = _fixed_point(s2, _eigen_forms(s2, s2 * x2), (Y * Y).sum(0), n)
     t = alpha / beta
     r = 1 / (s2 + t[:, None])  # (C, k): R on the span of F; beyond it R = 1 / t
     XU = Xt.T @ U

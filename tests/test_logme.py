@@ -70,7 +70,7 @@ def test_labels_need_not_be_contiguous_integers():
 
 @pytest.mark.parametrize("case", ["n_below_d", "duplicate_features", "constant_features",
                                   "single_example_class", "rank_deficient_map", "dead_output_features",
-                                  "dead_output_features_n_below_d"])
+                                  "dead_output_features_n_below_d", "huge_rank_deficient_map"])
 def test_degenerate_inputs_agree(case):
     rng = np.random.default_rng(3)
     d = 20
@@ -91,6 +91,9 @@ def test_degenerate_inputs_agree(case):
     elif case == "rank_deficient_map":
         W[:, :, 6:] = 0.0          # F depends on only 6 input dimensions
         W[:, 3] = W[:, 2]          # and two output features coincide
+    elif case == "huge_rank_deficient_map":  # rounding of G beyond the fixed point's t: G's eigenvectors
+        W, b = 1e7 * W, 1e7 * b
+        W[:, :3] = W[:, 3:6]
     check_all_paths(X, y, W, b)
 
 

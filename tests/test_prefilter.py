@@ -7,7 +7,7 @@ from conftest import load_tool
 from esm_index import ESMIndex, ESMIndexError
 from esm_index.esm import ESM
 from esm_index.evaluate import rank_correlation, recall_at_k
-from esm_index.logme import TargetStats, _fixed_point, encode_labels, logme_from_stats, logme_score
+from esm_index.logme import TargetStats, encode_labels, logme_from_stats, logme_score
 from esm_index.prefilter import (INDEX_FILE, LOG_FLOOR, Basis, Prefilter, PrefilterConfig, _pack, _unpack,
                                  evidence_gradient, exp_chain, faiss_index, log_moments)
 from esm_index.query import rank
