@@ -7,7 +7,8 @@ W = I + noise (float32, as stored). Per ESM:
   stats      logme_from_stats; the one-off A, B and factor of A ("stats once") are timed apart
   eigh       np.linalg.eigh of the same matrices G = W~ A W~^T (built untimed): batched with threaded
              BLAS, and "eigh 1/thr" one matrix per thread with 1-thread BLAS (how the stats path runs);
-             batched eigvalsh too: no eigenvectors, a bound that no exact path here reaches
+             batched eigvalsh too: a tridiagonalisation and its eigenvalues, which the stats path also
+             does (besides forming G and its solves), so a floor for it
 The ESMs are timed in rounds, every method once per round on the same ESMs, and each column reports
 its best round: other jobs share this machine, and the least-disturbed round is the one that
 measures the code. Peak memory comes from a separate tracemalloc pass (numpy reports its buffers).
