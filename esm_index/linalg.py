@@ -4,8 +4,8 @@ scipy.linalg.lapack's wrappers hold the GIL for the whole call, so the threads o
 turns at the tridiagonalisation (2 threads ran it 1.08x as fast as one; numpy.linalg releases the GIL, which
 is why its eigh scaled). ctypes releases it. The routines are the ones scipy links, taken from the function
 pointers that scipy.linalg.cython_lapack and cython_blas export for Cython (numba takes them the same way).
-Arrays are float64 and Fortran-ordered; every routine works on copies and leaves its inputs alone. ctypes
-gets only an array's address, so each array lives in a name until the call returns.
+Arrays are float64 and Fortran-ordered; no routine modifies its inputs (those LAPACK overwrites are copied).
+ctypes gets only an array's address, so each array lives in a name until the call returns.
 """
 
 import ctypes
@@ -13,6 +13,8 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.linalg import cython_blas, cython_lapack
+
+BLOCK = 64  # workspace per column: LAPACK's block sizes are 32-64, so the routines run blocked
 
 _capsule_name = ctypes.pythonapi.PyCapsule_GetName
 _capsule_name.restype, _capsule_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
@@ -71,7 +73,7 @@ def lower_transposed_product(L: np.ndarray, B: np.ndarray) -> np.ndarray:
     k, m = B.shape
     if L.shape != (k, k):
         raise ValueError(f"a ({k}, {k}) triangular factor is needed for B of shape {B.shape}, got {L.shape}")
-    L, out = _fortran(L), _fortran(B)
+    L, out = np.asfortranarray(L, dtype=np.float64), _fortran(B)  # dtrmm reads L and overwrites out
     _dtrmm(_char("L"), _char("L"), _char("T"), _char("N"), _int(k), _int(m), _float(1.0),
            L.ctypes.data, _int(max(k, 1)), out.ctypes.data, _int(max(k, 1)))
     return out
@@ -94,18 +96,24 @@ class Tridiagonal:
         if M.shape != (k, k) or k == 0:
             raise ValueError(f"a non-empty square matrix is needed, got shape {M.shape}")
         reflectors, diagonal, off, tau = _fortran(M), np.empty(k), np.empty(k - 1), np.empty(k - 1)
-        work = np.empty(64 * k)  # a name: the routine gets only its address
+        work = np.empty(BLOCK * k)  # a name: the routine gets only its address
         _call(_dsytrd, _char("L"), _int(k), reflectors.ctypes.data, _int(k), diagonal.ctypes.data,
               off.ctypes.data, tau.ctypes.data, work.ctypes.data, _int(len(work)))
         return cls(diagonal, off, reflectors, tau)
 
     def rotate(self, C: np.ndarray) -> np.ndarray:
         """Q^T C for C (k, m): the columns in T's basis."""
-        k, m = C.shape
-        out, work = _fortran(C), np.empty(64 * max(m, 1))
+        k, m = self._columns(C)
+        out, work = _fortran(C), np.empty(BLOCK * max(m, 1))
         _call(_dormtr, _char("L"), _char("L"), _char("T"), _int(k), _int(m), self.reflectors.ctypes.data,
               _int(k), self.tau.ctypes.data, out.ctypes.data, _int(k), work.ctypes.data, _int(len(work)))
         return out
+
+    def _columns(self, C: np.ndarray) -> tuple[int, int]:
+        """(k, m) of C, which must have T's k rows: LAPACK would read past the factors otherwise."""
+        if C.ndim != 2 or len(C) != len(self.diagonal):
+            raise ValueError(f"expected a ({len(self.diagonal)}, m) array, got shape {C.shape}")
+        return C.shape
 
     def eigenvalues(self) -> np.ndarray:
         """T's (and M's) eigenvalues, ascending, without eigenvectors (root-free QR, sterf)."""
@@ -125,12 +133,17 @@ class Tridiagonal:
         """X with (T + shifts[j] I) X[:, j] = B[:, j] for B (k, m): one O(m k) LDL^T solve (ptsv) of the
         block-diagonal system the m shifted copies of T form. Raises NotPositiveDefinite when one of them is
         not positive definite."""
-        k, m = B.shape
-        diagonal = (self.diagonal + np.asarray(shifts, dtype=np.float64)[:, None]).ravel()
+        k, m = self._columns(B)
+        shifts = np.asarray(shifts, dtype=np.float64)
+        if shifts.shape != (m,):
+            raise ValueError(f"one shift per column is needed: {m} columns, shifts of shape {shifts.shape}")
+        if m == 0:
+            return np.zeros((k, 0))
+        diagonal = (self.diagonal + shifts[:, None]).ravel()
         off = np.zeros((m, k))
         off[:, :-1] = self.off
         off = off.ravel()[:-1]  # zero between the blocks
-        X = np.array(B.T, dtype=np.float64)  # (m, k) in C order: the blocks' right-hand sides end to end
+        X = np.array(B.T, dtype=np.float64, order="C")  # (m, k) copy: the blocks' right-hand sides end to end
         _call(_dptsv, _int(m * k), _int(1), diagonal.ctypes.data, off.ctypes.data, X.ctypes.data,
               _int(m * k), failure=NotPositiveDefinite)
         return X.T

@@ -252,7 +252,7 @@ class TargetStats:
         W~ B = W~[:, p] L beta = P^T beta (the kernel side of _esm_logme)."""
         pivot, L = self.factor
         rank = L.shape[1]
-        return solve_triangular(L[:rank], self.B[pivot][:rank], lower=True)
+        return solve_triangular(L[:rank], self.B[pivot[:rank]], lower=True)
 
 
 def _esm_logme(W: np.ndarray, b: np.ndarray, stats: TargetStats) -> float:

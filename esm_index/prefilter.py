@@ -155,8 +155,9 @@ def evidence_gradient(X, Y, values, vectors):
     U, s2 = U[:, keep], s2[keep]
     Uy = U.T @ Y  # (k, C): F's left singular vectors against each label column
     x2 = (Uy**2).T
-    res_x2 = np.maximum((Y * Y).sum(0) - x2.sum(1), 0.0)  # energy of each y outside the span of F
-    alpha, beta, _, _ = _fixed_point(s2, _eigen_forms(s2, s2 * x2), (Y * Y).sum(0), n)
+    yy = (Y * Y).sum(0)
+    res_x2 = np.maximum(yy - x2.sum(1), 0.0)  # energy of each y outside the span of F
+    alpha, beta, _, _ = _fixed_point(s2, _eigen_forms(s2, s2 * x2), yy, n)
     t = alpha / beta
     r = 1 / (s2 + t[:, None])  # (C, k): R on the span of F; beyond it R = 1 / t
     XU = Xt.T @ U

@@ -33,6 +33,18 @@ def test_tridiagonal_form_keeps_spectrum_and_quadratic_forms(k):
         np.testing.assert_allclose((dense + shift * np.eye(k)) @ X[:, j], R[:, j], rtol=1e-9, atol=1e-9)
 
 
+def test_solve_takes_any_memory_layout():
+    """The m systems must lie end to end for ptsv whatever the layout of B (C order, F order, strided)."""
+    rng = np.random.default_rng(3)
+    T = Tridiagonal.of(spd(rng, 6))
+    dense = np.diag(T.diagonal) + np.diag(T.off, 1) + np.diag(T.off, -1)
+    B = rng.standard_normal((6, 6))
+    for layout in (np.ascontiguousarray(B[:, :3]), np.asfortranarray(B[:, :3]), B[:, ::2]):
+        X = T.solve_shifted(np.array([0.5, 1.0, 2.0]), layout)
+        for j, shift in enumerate((0.5, 1.0, 2.0)):
+            np.testing.assert_allclose((dense + shift * np.eye(6)) @ X[:, j], layout[:, j], rtol=1e-12, atol=1e-12)
+
+
 def test_inputs_are_left_alone_and_failures_are_named():
     rng = np.random.default_rng(0)
     G = spd(rng, 6)
@@ -41,6 +53,13 @@ def test_inputs_are_left_alone_and_failures_are_named():
     np.testing.assert_array_equal(G, before)
     with pytest.raises(NotPositiveDefinite, match="dptsv"):
         T.solve_shifted([1.0, -1e6], np.ones((6, 2)))
+    with pytest.raises(ValueError, match="one shift per column"):
+        T.solve_shifted([1.0], np.ones((6, 2)))
+    with pytest.raises(ValueError, match=r"expected a \(6, m\) array"):
+        T.solve_shifted([1.0, 1.0], np.ones((7, 2)))
+    with pytest.raises(ValueError, match=r"expected a \(6, m\) array"):
+        T.rotate(np.ones((9, 2)))
+    assert T.solve_shifted([], np.ones((6, 0))).shape == (6, 0)
     with pytest.raises(ValueError, match="square"):
         Tridiagonal.of(np.ones((3, 4)))
     with pytest.raises(ValueError, match="triangular factor"):
