@@ -9,7 +9,8 @@ is accepted when every target keeps rho >= 0.99 and the same top-5 set.
 Forms: the index's STORAGE_FORMS, and candidates measured and rejected, kept here to show why:
 - float16: W and b rounded to float16;
 - triangular int8: R of [W, b] = Q R as int8 steps of one float32 scale per row (its largest entry / 127);
-- triangular int8 + lzma: the same codes, lzma-compressed;
+- triangular intN + lzma: the same with N bits (steps of the row's largest entry / (2^(N-1) - 1)), the
+  codes lzma-compressed: how many bits reliable fidelity takes;
 - log residual, step s: log M (M = W~^T W~ / |M|_F) minus an index-wide reference log map, in the
   reference's eigenbasis, rounded to steps of s (int8, escapes for the few larger entries; the diagonal in
   float32) and lzma-compressed; the reference is the mean log map of the other sources, as for a source
@@ -19,13 +20,16 @@ A rounding form can pass on its one set of rounding errors by luck when two sour
 is also encoded --realisations times with seeded subtractive dither (a uniform offset in (-1/2, 1/2) of a
 step added before rounding and taken off after: errors of the same kind and size, drawn afresh); the
 column "accepted, dithered" counts the realisations that pass. A form to rely on passes them all.
+For scale, the first lines give the gap between each target's 5th and 6th source and how much that gap
+moves when the target's own examples are resampled (bootstrap): LogME's sampling noise.
 Bytes per source are measured on the pool's maps (the compressed forms depend on the map), and given as a
 share of float32 at the same d. The uncompressed forms but the low-rank one keep a fixed share of the
 d (d + 1) entries plus O(d) bytes, so their share is the one at d = 768, where float32 is
 hf-dataset-selector's 2,362,368 bytes (the low-rank form's share halves there); for the lzma forms it is
 an estimate (bits per entry measured at the pool's d).
 
-    python tools/bench_compression.py indexes/default [--steps 0.005 0.01] [--ranks 16 64 128] [--realisations 10]
+    python tools/bench_compression.py indexes/default [--bits 8 9 10 11] [--steps 0.005 0.01] [--ranks 16 64 128]
+        [--realisations 10]
 
 Run from the repository root (the default --tasks and --cache are relative to it).
 """
@@ -70,7 +74,7 @@ def from_factor(F):
 
 
 def lzma_bytes(codes):
-    return len(lzma.compress(np.ascontiguousarray(codes, np.int8).tobytes(), preset=9 | lzma.PRESET_EXTREME))
+    return len(lzma.compress(np.ascontiguousarray(codes).tobytes(), preset=9 | lzma.PRESET_EXTREME))
 
 
 def rounded(x, rng):
@@ -80,12 +84,13 @@ def rounded(x, rng):
     return steps, steps - offset
 
 
-def int8_rows(R, rng=None):
-    """R in int8 steps of its rows' largest entry / 127: (decoded, codes)."""
-    scale = np.abs(R).max(1, keepdims=True) / 127
+def integer_rows(R, bits, rng=None):
+    """R in integer steps of its rows' largest entry / (2^(bits - 1) - 1): (decoded, codes)."""
+    top = 2 ** (bits - 1) - 1
+    scale = np.abs(R).max(1, keepdims=True) / top
     codes, values = rounded(R / np.where(scale > 0, scale, 1), rng)
-    clipped = np.clip(codes, -127, 127)  # dither can push a row's largest entry one step out
-    return (values + clipped - codes) * scale, clipped.astype(np.int8)
+    clipped = np.clip(codes, -top, top)  # dither can push a row's largest entry one step out
+    return (values + clipped - codes) * scale, clipped.astype(np.int8 if bits <= 8 else np.int16)
 
 
 # -- forms: each maps the pool's ESMs to (the ESMs as decoded, bytes per source); the rounding forms take a
@@ -103,14 +108,14 @@ def half_precision(esms):
             [e.dim * (e.dim + 1) * 2 for e in esms])
 
 
-def triangular_int8(compress):
+def triangular_integer(bits, compress):
     def encode(esms, rng=None):
         decoded, sizes = [], []
         for e in esms:
-            R, codes = int8_rows(np.linalg.qr(augmented(e), mode="r"), rng)
+            R, codes = integer_rows(np.linalg.qr(augmented(e), mode="r"), bits, rng)
             decoded.append(from_factor(np.triu(R)))
             upper = codes[np.triu_indices(e.dim, m=e.dim + 1)]
-            sizes.append((lzma_bytes(upper) if compress else upper.size) + 4 * e.dim)  # codes, row scales
+            sizes.append((lzma_bytes(upper) if compress else upper.nbytes) + 4 * e.dim)  # codes, row scales
         return decoded, sizes
     return encode
 
@@ -142,7 +147,8 @@ def log_residual(step):
             coded = np.triu(coded) + np.triu(coded, 1).T
             values, vectors = np.linalg.eigh(basis @ coded @ basis.T + reference)
             decoded.append(from_factor((vectors * np.sqrt(norm * np.maximum(np.exp(values) - FLOOR, 0))).T[1:]))
-            sizes.append(lzma_bytes(np.where(escapes, -128, steps)) + 6 * escapes.sum() + 4 * (d + 1) + 8)
+            codes = np.where(escapes, -128, steps).astype(np.int8)
+            sizes.append(lzma_bytes(codes) + 6 * escapes.sum() + 4 * (d + 1) + 8)
         return decoded, sizes
     return encode
 
@@ -161,6 +167,20 @@ def diagonal_plus_low_rank(rank, iterations=5):
             decoded.append(ESM(np.diag(D) + low, e.bias))
         return decoded, [2 * rank * e.dim * 2 + 2 * e.dim * 4 for e in esms]
     return encode
+
+
+def sampling_noise(esms, X, labels, reference, resamples, seed=0):
+    """(gap, std): the float32 gap between the 5th and 6th source and its standard deviation when the
+    target's examples are resampled with replacement: how far LogME itself would move that gap."""
+    order = np.argsort(-reference)
+    fifth, sixth = order[TOP - 1], order[TOP]
+    rng = np.random.default_rng(seed)
+    gaps = []
+    for _ in range(resamples):
+        pick = rng.integers(0, len(X), len(X))
+        resampled = scores(esms, TargetStats.from_embeddings(X[pick], labels[pick]))
+        gaps.append(resampled[fifth] - resampled[sixth])
+    return reference[fifth] - reference[sixth], float(np.std(gaps))
 
 
 def fidelity(decoded, stats, reference):
@@ -182,11 +202,17 @@ def main():
     parser.add_argument("real", type=Path, help="index folder or folder of ESM folders (stored in float32)")
     parser.add_argument("--tasks", type=Path, default=Path("data/tasks"))
     parser.add_argument("--cache", type=Path, default=Path("data/bench"))
+    parser.add_argument("--bits", type=int, nargs="*", default=[8, 9, 10, 11],
+                        help="bits per entry of the triangular integer forms compressed with lzma")
     parser.add_argument("--steps", type=float, nargs="*", default=[0.005, 0.01], help="log-residual steps")
     parser.add_argument("--ranks", type=int, nargs="*", default=[16, 64, 128], help="diagonal + low-rank ranks")
+    parser.add_argument("--bootstrap", type=int, default=20,
+                        help="resamples of each target's examples for LogME's own noise (0: skip)")
     parser.add_argument("--realisations", type=int, default=10, help="dithered encodings of each rounding form")
     parser.add_argument("--threads", type=int, default=2, help="torch, faiss and BLAS threads")
     args = parser.parse_args()
+    if any(not 2 <= bits <= 16 for bits in args.bits):
+        parser.error("--bits: each between 2 and 16 (codes are kept in int8 or int16)")
     set_threads(args.threads)
     threadpool_limits(args.threads)
 
@@ -196,19 +222,26 @@ def main():
                 raise SystemExit(f"{args.real}: ESMs stored as {index.meta['storage']}; the reference must be float32")
     _, W, b, base_model = load_real(args.real)
     exact = [ESM(w, c) for w, c in zip(W, b)]
-    stats = {t: TargetStats.from_embeddings(X, labels) for t, (X, labels) in targets(
-        args.tasks, args.cache / "targets", base_model).items()}
+    data = targets(args.tasks, args.cache / "targets", base_model)
+    stats = {t: TargetStats.from_embeddings(X, labels) for t, (X, labels) in data.items()}
     reference = {t: scores(exact, s) for t, s in stats.items()}
     boundary = [np.sort(r)[::-1][TOP - 1] - np.sort(r)[::-1][TOP] for r in reference.values()]
     d, float32_bytes = exact[0].dim, exact[0].dim * (exact[0].dim + 1) * 4
     print(f"{len(exact)} real ESMs (d={d}) x {len(stats)} targets, {args.threads} threads; gap between the "
           f"{TOP}th and {TOP + 1}th score: smallest {min(boundary):.5f}, median {np.median(boundary):.5f}")
+    if args.bootstrap:
+        noise = {t: sampling_noise(exact, *data[t], reference[t], args.bootstrap) for t in data}
+        closest = min(noise, key=lambda t: noise[t][0])
+        print(f"the same gap's spread over {args.bootstrap} bootstrap resamples of each target's examples "
+              f"(LogME's own sampling noise): std {np.median([std for _, std in noise.values()]):.5f} (median), "
+              f"{noise[closest][1]:.5f} where the gap is smallest")
     print(f"| form | bytes/source (d={d}) | % of float32 | rho min | rho mean | same top-5 set | same top-5 order "
           f"| max score change | accepted | accepted, dithered (of {args.realisations}) |\n"
           "|---|---|---|---|---|---|---|---|---|---|")
     forms = {form: stored(form) for form in STORAGE_FORMS}
     forms["float16"] = half_precision
-    rounding = {"triangular int8": triangular_int8(False), "triangular int8 + lzma": triangular_int8(True)}
+    rounding = {"triangular int8": triangular_integer(8, False)}
+    rounding.update({f"triangular int{bits} + lzma": triangular_integer(bits, True) for bits in args.bits})
     rounding.update({f"log residual, step {s:g} + lzma": log_residual(s) for s in args.steps})
     forms.update(rounding)
     forms.update({f"diagonal + rank {r}": diagonal_plus_low_rank(r) for r in args.ranks})
@@ -216,7 +249,7 @@ def main():
         decoded, sizes = encode(exact)
         rhos, same_set, same_order, change, accepted = fidelity(decoded, stats, reference)
         dithered = "-"
-        if name in rounding:
+        if name in rounding and args.realisations:
             passes = sum(fidelity(encode(exact, np.random.default_rng(seed))[0], stats, reference)[-1]
                          for seed in range(args.realisations))
             dithered = f"{passes}/{args.realisations}"
