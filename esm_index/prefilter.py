@@ -1,22 +1,28 @@
 """The prefilter: a FAISS search for the sources whose ESMs the target's evidence favours, to first order.
 
 Why these vectors. ESM-LogME is the evidence E of a Bayesian linear model on F = X~ W~^T. It depends on an
-ESM only through M = W~^T W~ (the kernel X~ M X~^T) and not on M's scale (the prior's alpha absorbs it).
-Each source is kept as the matrix logarithm L = log(M / |M|_F + floor I) (log-Euclidean coordinates; the
-floor because M has rank d of d + 1), and the target's evidence is linearised in L at the pool's mean L0:
-E(exp L0) + <L - L0, dE/dL(L0)> (Frobenius inner product), which FAISS serves. The evidence responds to
-the map's spectrum roughly multiplicatively, so it is far more linear in log M than in M: on a pool derived
-from real ESMs the same linearisation in M kept 0.78 of the exact top 5 within the top 100, in log M 0.95
-(BENCHMARKS.md, "Query prefilter"). vec(L) has (d+1)(d+2)/2 entries (74,305 at d = 384), so each source
-keeps only its coordinates on the `rank` principal directions of the pool's L (a PCA trained on a seeded
-sample of at most `train_max` sources, as FAISS trains its PCAMatrix or IVF quantiser), and the target's
-query vector is dE/dL on the same directions. For a pool of at most rank + 1 sources the coordinates are
-exact. Only W and b are needed, so imported ESMs without source texts are prefiltered alike. The first
-pass's best screen * sqrt(N) (30 sqrt(N) by default) go on to the second stage (surrogate.py), which
-picks those rescored exactly. For a target with far fewer examples than dimensions the linearisation
-misleads (the evidence's curvature dominates; the first pass ranks the best maps near the bottom), so the
-first pass is calibrated there: a + b <q, x> + c |x|^2, fitted to the exact scores of `calibration` sources
-(`calibrated_search`; query.choose decides when).
+ESM only through M = W~^T W~ (the kernel X~ M X~^T). Each source is kept as the matrix logarithm
+L = log(M / |M|_F + floor I) (log-Euclidean coordinates; the floor because M has rank d of d + 1) and its
+log scale s = log |M|_F, and the target's evidence is linearised in both at the pool's mean (L0, s0):
+E + <L - L0, dE/dL> + (s - s0) dE/ds, with dE/ds = <dE/dM, M> (Frobenius inner products), which FAISS
+serves. The evidence responds to the map's spectrum roughly multiplicatively, so it is far more linear in
+log M than in M: on a pool derived from real ESMs the same linearisation in M kept 0.78 of the exact top 5
+within the top 100, in log M 0.95 (BENCHMARKS.md, "Query prefilter"). The scale matters only for targets
+with fewer examples than dimensions: thuml's evidence has d/2 log alpha for d weights while only n
+eigenvalues enter its log-determinant, so of two maps of the same shape the larger scores higher; for
+n > d, dE/ds is zero (alpha absorbs the scale). On 10^4 maps derived from real ESMs and targets of 200
+examples, s alone explains 54-84% of the exact scores' variance, and without it the first pass ranked
+their exact top 5 at 2,300-10,000 of 10,000 (BENCHMARKS.md, "The map's scale").
+
+vec(L) has (d+1)(d+2)/2 entries (74,305 at d = 384), so each source keeps only its coordinates on the
+`rank` principal directions of the pool's L (a PCA trained on a seeded sample of at most `train_max`
+sources, as FAISS trains its PCAMatrix or IVF quantiser), then s - s0; the target's query vector is dE/dL
+on the same directions, then dE/ds. For a pool of at most rank + 1 sources the coordinates are exact.
+Only W and b are needed, so imported ESMs without source texts are prefiltered alike. The first pass's
+best screen * sqrt(N) (30 sqrt(N) by default) go on to the second stage (surrogate.py), which picks
+those rescored exactly. For a target with fewer examples than dimensions the evidence is also strongly
+curved around the pool's mean, so the first pass is calibrated there: a + b <q, x> + c |x|^2, fitted to
+the exact scores of `calibration` sources (`calibrated_search`; query.choose decides when).
 
 Everything here is derived data, saved in `prefilter.npz` with the store's generation: the basis, every
 source's coordinates and the FAISS index over them (exhaustive while the pool is small, IVF beyond
@@ -39,7 +45,7 @@ from .logme import single_threaded_blas
 from .surrogate import least_anchors
 
 INDEX_FILE = "prefilter.npz"  # basis, coordinates, FAISS index and generation, in one file
-KIND = "log-moments"  # what the saved coordinates are; a file of another kind is rebuilt
+KIND = "log-moments-scale"  # what the saved coordinates are; a file of another kind is rebuilt
 LOG_FLOOR = 1e-6  # added to the eigenvalues of M / |M|_F before the log (M is singular)
 MOMENT_BATCH = 64  # ESMs whose d x d second moments are held at once
 
@@ -58,7 +64,7 @@ class PrefilterConfig:
     anchors: int = 24  # of those, spread ones rescored exactly first (surrogate.py)
     local_rank: int = 8  # the second stage's local coordinates: its model's inputs
     batch: int = 8  # then rescored this many at a time, the model refitted after each
-    calibration: int = 32  # for targets of fewer examples than half the dimensions: sources rescored to
+    calibration: int = 32  # for targets of fewer examples than dimensions: sources rescored to
     # calibrate the first pass (0: never)
 
     def __post_init__(self):
@@ -100,15 +106,18 @@ def _unpack(packed, size):
 
 
 def normalised_moments(weights, biases):
-    """M / |M|_F, M = W~^T W~, of ESMs (k, d, d), (k, d): (k, d + 1, d + 1) float64."""
+    """M / |M|_F and log |M|_F, M = W~^T W~, of ESMs (k, d, d), (k, d): (k, d + 1, d + 1) and (k,) float64."""
     Wt = np.concatenate([np.asarray(weights, np.float64), np.asarray(biases, np.float64)[..., None]], axis=-1)
     M = np.swapaxes(Wt, -1, -2) @ Wt
-    return M / np.maximum(np.linalg.norm(M, axis=(-2, -1), keepdims=True), 1e-30)
+    norms = np.maximum(np.linalg.norm(M, axis=(-2, -1)), 1e-30)
+    return M / norms[:, None, None], np.log(norms)
 
 
 def log_moments(weights, biases):
-    """Packed log(M / |M|_F + LOG_FLOOR I), M = W~^T W~, of ESMs (k, d, d), (k, d): (k, T) float32."""
-    return packed_log(normalised_moments(weights, biases))
+    """ESMs (k, d, d), (k, d) as the prefilter sees them, (k, T + 1) float32: packed
+    log(M / |M|_F + LOG_FLOOR I), M = W~^T W~, then the log scale log |M|_F."""
+    normalised, scales = normalised_moments(weights, biases)
+    return np.column_stack([packed_log(normalised), scales]).astype(np.float32)
 
 
 def packed_log(M):
@@ -189,15 +198,19 @@ def evidence_gradient(X, Y, values, vectors):
 
 @dataclass
 class Basis:
-    """The trained part of the prefilter: the mean log map and the principal directions around it."""
+    """The trained part of the prefilter: the mean log map and the principal directions around it, and the
+    mean log scale."""
 
     mean: np.ndarray  # (T,) float32, packed L0
     components: np.ndarray  # (r, T) float32, orthonormal rows (one zero row when the pool has no spread)
     trained_on: int  # sources in the training sample
+    scale: float  # s0, the mean log scale
 
     @classmethod
-    def fit(cls, packed, rank):
-        """PCA of packed log moments (n, T) through their n x n Gram matrix (n <= train_max, T ~ d^2 / 2)."""
+    def fit(cls, moments, rank):
+        """PCA of log moments (n, T + 1) (`log_moments`: the last column is the scale) through their n x n
+        Gram matrix (n <= train_max, T ~ d^2 / 2)."""
+        packed = moments[:, :-1]
         mean = packed.mean(0, dtype=np.float64)
         centred = packed - mean.astype(np.float32)
         values, vectors = np.linalg.eigh((centred @ centred.T).astype(np.float64))
@@ -206,7 +219,8 @@ class Basis:
         components = (vectors[:, top].T @ centred) / np.sqrt(values[top])[:, None]
         if not len(top):  # identical maps: one direction that every vector and query is zero on
             components = np.zeros((1, packed.shape[1]))
-        return cls(mean.astype(np.float32), components.astype(np.float32), len(packed))
+        return cls(mean.astype(np.float32), components.astype(np.float32), len(packed),
+                   float(moments[:, -1].mean(dtype=np.float64)))
 
     def fits(self, dim, config, pool):
         """Whether this basis still serves a pool of `pool` sources of dimension `dim` under `config`: it is
@@ -214,8 +228,10 @@ class Basis:
         return (self.mean.shape == ((dim + 1) * (dim + 2) // 2,) and self.components.shape[0] <= config.rank
                 and (self.trained_on >= config.train_max or pool < 2 * self.trained_on))
 
-    def coordinates(self, packed):
-        return ((packed - self.mean) @ self.components.T).astype(np.float32)
+    def coordinates(self, moments):
+        """Log moments (n, T + 1) -> coordinates (n, r + 1): on the principal directions, then s - s0."""
+        on_directions = (moments[:, :-1] - self.mean) @ self.components.T
+        return np.column_stack([on_directions, moments[:, -1] - self.scale]).astype(np.float32)
 
     @cached_property
     def centre(self):
@@ -225,11 +241,18 @@ class Basis:
 
     def query(self, X, Y):
         """The target's query vector: the evidence gradient in L at the mean log map, on the principal
-        directions. Single-threaded BLAS: on these sizes threads gain little and, on a loaded machine, collapse."""
+        directions, then its derivative in the log scale, <dE/dM, M> there. That derivative is exactly zero
+        for n >= d (a map has d features, and LogME of d features is scale-free once n >= d); at exp(L0),
+        which the floor makes full rank, it would read 1/2 to 1 instead, so it is set to zero there.
+        Single-threaded BLAS: on these sizes threads gain little and, on a loaded machine, collapse."""
         values, vectors = self.centre
         with single_threaded_blas():
             gradient = evidence_gradient(np.asarray(X, np.float64), Y, np.exp(values), vectors)
-            return (self.components @ _pack(exp_chain(gradient, values, vectors)).astype(np.float32)).astype(np.float32)
+            on_directions = self.components @ _pack(exp_chain(gradient, values, vectors)).astype(np.float32)
+            along_scale = 0.0
+            if len(X) < X.shape[1]:  # of the order of (d - n) / 2 here, beside which the floor's 1/2 is noise
+                along_scale = np.exp(values) @ (vectors * (gradient @ vectors)).sum(0)  # <dE/dM, exp L0>
+            return np.append(on_directions, along_scale).astype(np.float32)
 
 
 class Prefilter:
@@ -261,16 +284,16 @@ class Prefilter:
                 if len(ids) > config.train_max:
                     rng = np.random.default_rng(config.seed)
                     sample = np.sort(rng.choice(ids, config.train_max, replace=False))
-                packed = np.concatenate(list(_moments(store, txn, [table[i] for i in sample])))
-                basis = Basis.fit(packed, config.rank)
-                known = dict(zip(sample.tolist(), basis.coordinates(packed)))  # the sample's maps, read once
+                moments = np.concatenate(list(_moments(store, txn, [table[i] for i in sample])))
+                basis = Basis.fit(moments, config.rank)
+                known = dict(zip(sample.tolist(), basis.coordinates(moments)))  # the sample's maps, read once
             elif reuse and basis is not None:
                 known = dict(zip(previous.ids.tolist(), previous.vectors))
             new = [i for i in ids.tolist() if i not in known]
             if new:
                 batches = _moments(store, txn, [table[i] for i in new])
-                known.update(zip(new, np.concatenate([basis.coordinates(packed) for packed in batches])))
-        width = 0 if basis is None else basis.components.shape[0]
+                known.update(zip(new, np.concatenate([basis.coordinates(moments) for moments in batches])))
+        width = 0 if basis is None else basis.components.shape[0] + 1
         vectors = np.stack([known[i] for i in ids.tolist()]) if len(ids) else np.zeros((0, width), np.float32)
         return cls(basis, ids, vectors, faiss_index(vectors, ids, config), meta["generation"])
 
@@ -283,7 +306,8 @@ class Prefilter:
         if self.index is not None:
             arrays["index"] = faiss.serialize_index(self.index)
         if self.basis is not None:
-            arrays.update(mean=self.basis.mean, components=self.basis.components, trained_on=self.basis.trained_on)
+            arrays.update(mean=self.basis.mean, components=self.basis.components, trained_on=self.basis.trained_on,
+                          scale=self.basis.scale)
         folder = Path(folder)
         with tempfile.NamedTemporaryFile(dir=folder, prefix=INDEX_FILE + ".", suffix=".tmp", delete=False) as file:
             try:
@@ -305,7 +329,7 @@ class Prefilter:
                     return None
                 basis = None
                 if "mean" in saved:
-                    basis = Basis(saved["mean"], saved["components"], int(saved["trained_on"]))
+                    basis = Basis(saved["mean"], saved["components"], int(saved["trained_on"]), float(saved["scale"]))
                 index = faiss.deserialize_index(saved["index"]) if "index" in saved else None
                 return cls(basis, saved["ids"], saved["vectors"], index, int(saved["generation"]))
         except Exception:  # missing, truncated, foreign or from an earlier version: all mean "rebuild it"
@@ -345,8 +369,9 @@ class Prefilter:
 
     @cached_property
     def radii(self):
-        """Every source's squared distance from the basis's centre (the pool's mean log map), float64."""
-        return (self.vectors.astype(np.float64) ** 2).sum(1)
+        """Every source's squared distance from the basis's centre (the pool's mean log map; the scale
+        apart), float64."""
+        return (self.vectors[:, :-1].astype(np.float64) ** 2).sum(1)
 
     @cached_property
     def outward(self):
@@ -363,12 +388,12 @@ class Prefilter:
         return np.sort(self.ids[np.concatenate([order[: count // 2], order[spaced]])])
 
     def calibrated_search(self, X, Y, k, sample, exact):
-        """Like `search`, for targets whose linearised evidence misleads: with far fewer examples than
-        dimensions the evidence is dominated by its curvature, and the first pass ranks the exact best near the bottom
-        (BENCHMARKS.md, "Second stage"). a + b <q, x> + c |x|^2 is fitted by least squares to the exact
-        scores of a `sample` of sources (`calibration_sample`), and every source ranked by
-        b <q, x> + c |x|^2 (|x|: its distance from the pool's mean log map, where the curvature acts).
-        Exhaustive, over the coordinates in memory (64 floats a source: milliseconds at 10^6). Too few
+        """Like `search`, for targets whose evidence is strongly curved: with fewer examples than dimensions
+        (the best maps of 100-example targets lie at the pool's rim, where the linearisation at its mean
+        falls short; BENCHMARKS.md, "Second stage" and "The map's scale"). a + b <q, x> + c |x|^2 is fitted by least
+        squares to the exact scores of a `sample` of sources (`calibration_sample`), and every source ranked
+        by b <q, x> + c |x|^2 (|x|: its distance from the pool's mean log map, where the curvature acts).
+        Exhaustive, over the coordinates in memory (65 floats a source: milliseconds at 10^6). Too few
         finite scores: `search`."""
         if k <= 0:
             raise ESMIndexError(f"the number of candidates must be positive, got {k}")
@@ -385,15 +410,16 @@ class Prefilter:
         return self.ids[top], scores[top]
 
     def coordinates_of(self, ids):
-        """The stored coordinates (FAISS vectors) of sources by id (ids this prefilter holds)."""
+        """The stored coordinates of sources by id (ids this prefilter holds) on the principal directions:
+        the FAISS vectors without the scale."""
         rows = np.searchsorted(self.ids, ids)
         if not np.array_equal(self.ids[np.minimum(rows, len(self.ids) - 1)], ids):
             raise ESMIndexError("coordinates asked for sources this prefilter does not hold")
-        return self.vectors[rows]
+        return self.vectors[rows, :-1]
 
 
 def _moments(store, txn, names):
-    """Packed log moments of the named sources' ESMs, MOMENT_BATCH at a time (a generator, so that
+    """Log moments (`log_moments`) of the named sources' ESMs, MOMENT_BATCH at a time (a generator, so that
     projecting a large pool never holds more than one batch of d^2 / 2-wide moments)."""
     from .esm import ESM
 

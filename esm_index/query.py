@@ -85,14 +85,13 @@ def prefiltered(store, txn, prefilter, X, Y, budget, rescore, config):
 def choose(prefilter, X, Y, budget, rescore, config, stored=None):
     """The `budget` source ids chosen for exact rescoring and their exact scores (rescore(ids) -> scores).
     The first pass screens (prefilter.py): FAISS on the linearised evidence or, for a target with fewer
-    examples than half its dimensions, that evidence calibrated on the exact scores of `config.calibration`
-    sources rescored first (between d / 2 and d examples the calibration helped and hurt about equally:
-    BENCHMARKS.md, "Second stage"); the second stage picks among the screened (surrogate.py). stored(ids), if
-    given, masks the ids still in the store."""
+    examples than dimensions, that evidence calibrated on the exact scores of `config.calibration` sources
+    rescored first (BENCHMARKS.md, "The map's scale"); the second stage picks among the screened
+    (surrogate.py). stored(ids), if given, masks the ids still in the store."""
     present = stored or (lambda ids: np.ones(len(ids), bool))
     sample, exact = np.zeros(0, np.int64), np.zeros(0)
     screened = config.screened(len(prefilter.ids), budget)
-    if 2 * len(X) < X.shape[1] and 0 < config.calibration <= budget // 2:
+    if len(X) < X.shape[1] and 0 < config.calibration <= budget // 2:
         sample = prefilter.calibration_sample(config.calibration)
         sample = sample[present(sample)]
         exact = rescore(sample)

@@ -31,21 +31,30 @@ def target(n=120, dim=DIM, classes=3, seed=1):
 
 
 def exact_and_linearised(W, b, X, labels):
-    """Exact ESM-LogME of each map, and its evidence linearised in log M at the pool's mean at full size."""
+    """Exact ESM-LogME of each map, and its evidence linearised in log M and the log scale at the pool's
+    mean, at full size."""
     exact = logme_from_stats(W, b, TargetStats.from_embeddings(X, labels))
-    packed = log_moments(W, b)
+    moments = log_moments(W, b)
+    packed, scales = moments[:, :-1], moments[:, -1]
     values, vectors = np.linalg.eigh(_unpack(packed.mean(0, dtype=np.float64), DIM + 1))
     gradient = evidence_gradient(X, encode_labels(labels, False), np.exp(values), vectors)
-    return exact, packed @ _pack(exp_chain(gradient, values, vectors))
+    along_scale = 0.0  # LogME of d features is scale-free once n >= d
+    if len(X) < DIM:
+        along_scale = np.sum(gradient * ((vectors * np.exp(values)) @ vectors.T))  # <dE/dM, M> at exp(L0)
+    return exact, packed @ _pack(exp_chain(gradient, values, vectors)) + along_scale * scales
 
 
-def test_log_moments_are_scale_free_and_unpack_to_the_log_of_the_normalised_map():
+def test_log_moments_are_the_log_of_the_normalised_map_and_the_log_scale():
     W, b = structured_maps(2)
-    packed = log_moments(W, b)
-    assert packed.shape == (2, (DIM + 1) * (DIM + 2) // 2) and packed.dtype == np.float32
-    np.testing.assert_allclose(log_moments(3 * W, 3 * b), packed, rtol=1e-5, atol=1e-5)
+    moments = log_moments(W, b)
+    assert moments.shape == (2, (DIM + 1) * (DIM + 2) // 2 + 1) and moments.dtype == np.float32
+    packed, scales = moments[:, :-1], moments[:, -1]
+    tripled = log_moments(3 * W, 3 * b)  # M nine times as large: the same log map, the scale up by log 9
+    np.testing.assert_allclose(tripled[:, :-1], packed, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(tripled[:, -1], scales + np.log(9), rtol=1e-6)
     Wt = np.concatenate([W[0], b[0, :, None]], axis=1).astype(np.float64)
     M = Wt.T @ Wt
+    assert scales[0] == pytest.approx(np.log(np.linalg.norm(M)), rel=1e-6)
     values, vectors = np.linalg.eigh(_unpack(packed[0].astype(np.float64), DIM + 1))
     np.testing.assert_allclose((vectors * np.exp(values)) @ vectors.T, M / np.linalg.norm(M) + LOG_FLOOR * np.eye(DIM + 1),
                                atol=1e-6)
@@ -109,15 +118,19 @@ def test_exp_chain_is_the_derivative_through_the_matrix_exponential():
 
 def test_basis_is_exact_for_small_pools_and_search_follows_the_linearised_evidence():
     W, b = structured_maps(30)
-    X, labels = target()
-    packed = log_moments(W, b)
-    basis = Basis.fit(packed, rank=64)
+    moments = log_moments(W, b)
+    packed, scales = moments[:, :-1], moments[:, -1]
+    basis = Basis.fit(moments, rank=64)
     assert basis.components.shape == (29, packed.shape[1])  # 30 maps span 29 directions around their mean
-    np.testing.assert_allclose(basis.mean + basis.coordinates(packed) @ basis.components, packed, atol=1e-5)
-    _, linearised = exact_and_linearised(W, b, X, labels)
-    query = basis.query(X, encode_labels(labels, False))
-    assert rank_correlation(basis.coordinates(packed) @ query, linearised)["spearman"] > 0.999
-    assert Basis.fit(packed[:1].repeat(3, 0), rank=8).components.shape == (1, packed.shape[1])  # no spread
+    coordinates = basis.coordinates(moments)
+    np.testing.assert_allclose(basis.mean + coordinates[:, :-1] @ basis.components, packed, atol=1e-5)
+    np.testing.assert_allclose(coordinates[:, -1], scales - scales.mean(), atol=1e-5)  # the scale, centred
+    for n in (120, 15):  # n > d, and n < d where the scale matters
+        X, labels = target(n=n)
+        _, linearised = exact_and_linearised(W, b, X, labels)
+        query = basis.query(X, encode_labels(labels, False))
+        assert rank_correlation(coordinates @ query, linearised)["spearman"] > 0.999
+    assert Basis.fit(moments[:1].repeat(3, 0), rank=8).components.shape == (1, packed.shape[1])  # no spread
 
 
 def test_linearised_evidence_finds_the_exact_winners():
@@ -127,6 +140,23 @@ def test_linearised_evidence_finds_the_exact_winners():
         exact, linearised = exact_and_linearised(W, b, X, labels)
         assert rank_correlation(exact, linearised)["spearman"] > 0.8
         assert recall_at_k(exact, np.argsort(-linearised)[:20], 5) == 1.0  # chance: 1/3
+
+
+@pytest.mark.parametrize("n", [120, 12])
+def test_the_first_pass_weighs_the_scale_only_for_targets_with_fewer_examples_than_dimensions(n):
+    W, b = structured_maps(20)
+    W, b = np.concatenate([W, 1.5 * W]), np.concatenate([b, 1.5 * b])  # each map, and a copy 1.5 times as large
+    X, labels = target(n=n)
+    exact, linearised = exact_and_linearised(W, b, X, labels)
+    basis = Basis.fit(log_moments(W, b), rank=64)
+    along_scale = basis.query(X, encode_labels(labels, False))[-1]
+    if n > DIM:  # alpha absorbs the scale: copies tie, and the query ignores the scale
+        np.testing.assert_allclose(exact[20:], exact[:20], atol=1e-5)  # up to the fixed point's tolerance
+        assert along_scale == 0
+    else:  # thuml's d/2 log alpha: the larger copy scores higher, and the first pass knows it
+        assert (exact[20:] > exact[:20] + 0.1).all() and along_scale > 0
+        assert (linearised[20:] > linearised[:20]).all()
+        assert rank_correlation(exact, linearised)["spearman"] > 0.8
 
 
 def test_faiss_index_is_exhaustive_while_small_and_ivf_beyond():
@@ -181,7 +211,7 @@ def test_queries_rescore_the_prefilter_candidates_exactly(tmp_path):
         for result in ranking:
             assert result.score == pytest.approx(full[result.source], rel=1e-9)
         prefilter = index.prefilter()
-        assert prefilter.vectors.shape == (40, 39) and prefilter.basis.trained_on == 40
+        assert prefilter.vectors.shape == (40, 40) and prefilter.basis.trained_on == 40  # 39 directions and the scale
 
 
 def test_stale_prefilter_projects_new_sources_and_retrains_when_the_pool_doubles(tmp_path):
@@ -192,7 +222,7 @@ def test_stale_prefilter_projects_new_sources_and_retrains_when_the_pool_doubles
             index.add_esm(f"s{k}", ESM(W[k], b[k]))
         index.remove("s0")
         grown = index.prefilter()
-        assert grown.basis.trained_on == 30 and grown.vectors.shape == (49, 16)  # projected on the same basis
+        assert grown.basis.trained_on == 30 and grown.vectors.shape == (49, 17)  # projected on the same basis
         np.testing.assert_array_equal(grown.basis.components, first.basis.components)
         kept = np.isin(first.ids, grown.ids)
         np.testing.assert_array_equal(grown.vectors[np.isin(grown.ids, first.ids)], first.vectors[kept])
@@ -265,18 +295,26 @@ def test_calibration_sample_takes_the_rim_and_spreads_inward(tmp_path):
         np.testing.assert_array_equal(prefilter.calibration_sample(40), prefilter.ids)
 
 
-@pytest.mark.parametrize("calibration", [0, 16])
-def test_small_targets_spend_part_of_the_budget_on_calibration(tmp_path, calibration):
+@pytest.mark.parametrize("n, calibration, calibrated", [
+    (10, 0, False), (10, 16, True), (20, 16, True),  # fewer examples than the 24 dimensions: calibrated
+    (30, 16, False),
+])
+def test_small_targets_spend_part_of_the_budget_on_calibration(tmp_path, monkeypatch, n, calibration, calibrated):
     W, b = structured_maps(80)
-    X, labels = target(n=10)
+    X, labels = target(n=n)
+    calls = []
+    real = Prefilter.calibrated_search
+    monkeypatch.setattr(Prefilter, "calibrated_search", lambda self, *args: calls.append(1) or real(self, *args))
     with index_of(tmp_path / "index", W, b, calibration=calibration, screen=6.5, anchors=20, local_rank=2) as index:
         full = {r.source: r.score for r in index.query_embeddings(X, labels, top_k=80, candidates=None)}
         ranking = index.query_embeddings(X, labels, top_k=80, candidates=40)
         assert ranking.candidates == 40 and len({r.source for r in ranking}) == 40
         for result in ranking:
             assert result.score == pytest.approx(full[result.source], rel=1e-9)
-        sampled = {f"s{i}" for i in index.prefilter().calibration_sample(16)}
-        assert (sampled <= {r.source for r in ranking}) == bool(calibration)
+        assert bool(calls) == calibrated
+        if calibrated:
+            sampled = {f"s{i}" for i in index.prefilter().calibration_sample(16)}
+            assert sampled <= {r.source for r in ranking}
 
 
 @pytest.mark.parametrize("n", [10, 120])  # calibrated first pass, plain one

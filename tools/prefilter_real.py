@@ -37,7 +37,8 @@ class Linearised:
 
     def __init__(self, batches):
         """batches: (W, b) of the pool's ESMs, a batch at a time."""
-        chunks = [(packed_log(M), _pack(M).astype(np.float32)) for M in (normalised_moments(W, b) for W, b in batches)]
+        chunks = [(packed_log(M), _pack(M).astype(np.float32))
+                  for M, _ in (normalised_moments(W, b) for W, b in batches)]  # the research was scale-free
         self.log, self.plain = (np.concatenate(c) for c in zip(*chunks))
         size = round(np.sqrt(2 * self.log.shape[1] + 0.25) - 0.5)
         self.centre = np.linalg.eigh(_unpack(self.log.mean(0, dtype=np.float64), size))
