@@ -4,15 +4,16 @@ Why these vectors. ESM-LogME is the evidence E of a Bayesian linear model on F =
 ESM only through M = W~^T W~ (the kernel X~ M X~^T). Each source is kept as the matrix logarithm
 L = log(M / |M|_F + floor I) (log-Euclidean coordinates; the floor because M has rank d of d + 1) and its
 log scale s = log |M|_F, and the target's evidence is linearised in both at the pool's mean (L0, s0):
-E + <L - L0, dE/dL> + (s - s0) dE/ds, with dE/ds = <dE/dM, M> (Frobenius inner products), which FAISS
-serves. The evidence responds to the map's spectrum roughly multiplicatively, so it is far more linear in
-log M than in M: on a pool derived from real ESMs the same linearisation in M kept 0.78 of the exact top 5
-within the top 100, in log M 0.95 (BENCHMARKS.md, "Query prefilter"). The scale matters only for targets
-with fewer examples than dimensions: thuml's evidence has d/2 log alpha for d weights while only n
-eigenvalues enter its log-determinant, so of two maps of the same shape the larger scores higher; for
-n > d, dE/ds is zero (alpha absorbs the scale). On 10^4 maps derived from real ESMs and targets of 200
-examples, s alone explains 54-84% of the exact scores' variance, and without it the first pass ranked
-their exact top 5 at 2,300-10,000 of 10,000 (BENCHMARKS.md, "The map's scale").
+E + <L - L0, dE/dL> + (s - s0) dE/ds (Frobenius inner products), which FAISS serves. The evidence
+responds to the map's spectrum roughly multiplicatively, so it is far more linear in log M than in M: on
+a pool derived from real ESMs the same linearisation in M kept 0.78 of the exact top 5 within the top
+100, in log M 0.95 (BENCHMARKS.md, "Query prefilter"). The scale matters only for targets with fewer
+examples than dimensions: thuml's evidence has d/2 log alpha for d weights while only min(n, d)
+eigenvalues enter its log-determinant, so of two maps of the same shape the larger scores higher, at
+the fixed point by exactly (d - n)/(2n) per unit of s; for n >= d, dE/ds is zero (alpha absorbs the
+scale). On 10^4 maps derived from real ESMs and targets of 200 examples, s alone explains 54-84% of the
+exact scores' variance, and without it the first pass ranked their exact top 5 at 2,300-10,000 of 10,000
+(BENCHMARKS.md, "The map's scale").
 
 vec(L) has (d+1)(d+2)/2 entries (74,305 at d = 384), so each source keeps only its coordinates on the
 `rank` principal directions of the pool's L (a PCA trained on a seeded sample of at most `train_max`
@@ -241,18 +242,19 @@ class Basis:
 
     def query(self, X, Y):
         """The target's query vector: the evidence gradient in L at the mean log map, on the principal
-        directions, then its derivative in the log scale, <dE/dM, M> there. That derivative is exactly zero
-        for n >= d (a map has d features, and LogME of d features is scale-free once n >= d); at exp(L0),
-        which the floor makes full rank, it would read 1/2 to 1 instead, so it is set to zero there.
-        Single-threaded BLAS: on these sizes threads gain little and, on a loaded machine, collapse."""
+        directions, then its derivative in the log scale, which is exact and the same for every target of
+        n examples: M -> c M leaves the fit as it is with alpha -> c alpha, so d/2 log alpha gains
+        d/2 log c and the log-determinant's min(n, d) terms min(n, d)/2 log c, and n dE/ds = (d - n)/2 for
+        n < d, 0 beyond. (<dE/dM, M> at exp(L0) gives the same, but for real targets with n >= d it read
+        1.0 through the floor, which makes exp(L0) full rank.) Single-threaded BLAS: on these sizes threads
+        gain little and, on a loaded machine, collapse."""
+        X = np.asarray(X, np.float64)
         values, vectors = self.centre
         with single_threaded_blas():
-            gradient = evidence_gradient(np.asarray(X, np.float64), Y, np.exp(values), vectors)
+            gradient = evidence_gradient(X, Y, np.exp(values), vectors)
             on_directions = self.components @ _pack(exp_chain(gradient, values, vectors)).astype(np.float32)
-            along_scale = 0.0
-            if len(X) < X.shape[1]:  # of the order of (d - n) / 2 here, beside which the floor's 1/2 is noise
-                along_scale = np.exp(values) @ (vectors * (gradient @ vectors)).sum(0)  # <dE/dM, exp L0>
-            return np.append(on_directions, along_scale).astype(np.float32)
+        along_scale = max(X.shape[1] - len(X), 0) / 2
+        return np.append(on_directions, along_scale).astype(np.float32)
 
 
 class Prefilter:
@@ -261,7 +263,7 @@ class Prefilter:
     def __init__(self, basis, ids, vectors, index, generation):
         self.basis = basis  # None for an empty store
         self.ids = ids  # (N,) int64, ascending
-        self.vectors = vectors  # (N, r) float32
+        self.vectors = vectors  # (N, r + 1) float32: r principal coordinates, then the log scale
         self.index = index
         self.generation = generation
 

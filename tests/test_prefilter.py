@@ -38,9 +38,7 @@ def exact_and_linearised(W, b, X, labels):
     packed, scales = moments[:, :-1], moments[:, -1]
     values, vectors = np.linalg.eigh(_unpack(packed.mean(0, dtype=np.float64), DIM + 1))
     gradient = evidence_gradient(X, encode_labels(labels, False), np.exp(values), vectors)
-    along_scale = 0.0  # LogME of d features is scale-free once n >= d
-    if len(X) < DIM:
-        along_scale = np.sum(gradient * ((vectors * np.exp(values)) @ vectors.T))  # <dE/dM, M> at exp(L0)
+    along_scale = max(DIM - len(X), 0) / 2  # n dE/ds: LogME of d features is scale-free once n >= d
     return exact, packed @ _pack(exp_chain(gradient, values, vectors)) + along_scale * scales
 
 
@@ -142,19 +140,22 @@ def test_linearised_evidence_finds_the_exact_winners():
         assert recall_at_k(exact, np.argsort(-linearised)[:20], 5) == 1.0  # chance: 1/3
 
 
-@pytest.mark.parametrize("n", [120, 12])
-def test_the_first_pass_weighs_the_scale_only_for_targets_with_fewer_examples_than_dimensions(n):
+@pytest.mark.parametrize("n", [120, DIM, DIM - 1, 12])
+def test_the_first_pass_weighs_the_scale_only_for_targets_with_fewer_examples_than_dimensions(n, monkeypatch):
+    import esm_index.logme as logme
+
     W, b = structured_maps(20)
     W, b = np.concatenate([W, 1.5 * W]), np.concatenate([b, 1.5 * b])  # each map, and a copy 1.5 times as large
     X, labels = target(n=n)
+    along_scale = Basis.fit(log_moments(W, b), rank=64).query(X, encode_labels(labels, False))[-1]
+    assert along_scale == max(DIM - n, 0) / 2
+    # the same slope from converged LogME: M grows by 1.5^2, s by 2 log 1.5
+    monkeypatch.setattr(logme, "MAX_ITERATIONS", 2000)
+    monkeypatch.setattr(logme, "TOLERANCE", 1e-14)
     exact, linearised = exact_and_linearised(W, b, X, labels)
-    basis = Basis.fit(log_moments(W, b), rank=64)
-    along_scale = basis.query(X, encode_labels(labels, False))[-1]
-    if n > DIM:  # alpha absorbs the scale: copies tie, and the query ignores the scale
-        np.testing.assert_allclose(exact[20:], exact[:20], atol=1e-5)  # up to the fixed point's tolerance
-        assert along_scale == 0
-    else:  # thuml's d/2 log alpha: the larger copy scores higher, and the first pass knows it
-        assert (exact[20:] > exact[:20] + 0.1).all() and along_scale > 0
+    slope = n * (exact[20:] - exact[:20]) / (2 * np.log(1.5))
+    np.testing.assert_allclose(slope, along_scale, rtol=0.01, atol=5e-3)  # thuml's ridge 1e-5 bends it slightly
+    if n < DIM - 1:  # thuml's d/2 log alpha: the larger copy scores higher, and the first pass knows it
         assert (linearised[20:] > linearised[:20]).all()
         assert rank_correlation(exact, linearised)["spearman"] > 0.8
 
@@ -247,7 +248,7 @@ def test_prefilter_file_round_trips_and_a_foreign_file_means_rebuild(tmp_path):
         assert built.index.nprobe == 2  # IVF beyond exact_max, its search setting saved with it
         loaded = Prefilter.load(index.path)
         np.testing.assert_array_equal(loaded.vectors, built.vectors)
-        assert loaded.index.nprobe == 2 and loaded.basis.trained_on == 12
+        assert loaded.index.nprobe == 2 and loaded.basis.trained_on == 12 and loaded.basis.scale == built.basis.scale
         X, labels = target()
         Y = encode_labels(labels, False)
         ids, scores = built.search(X, Y, 4)
@@ -257,6 +258,9 @@ def test_prefilter_file_round_trips_and_a_foreign_file_means_rebuild(tmp_path):
         assert Prefilter.load(index.path) is None
         np.savez(index.path / INDEX_FILE, generation=built.generation, ids=built.ids, vectors=built.vectors)
         assert Prefilter.load(index.path) is None  # an earlier kind of coordinates (no "kind"): rebuilt
+        arrays = dict(np.load(index.path / INDEX_FILE))
+        np.savez(index.path / INDEX_FILE, **arrays, kind="log-moments")
+        assert Prefilter.load(index.path) is None  # the kind before the scale coordinate: rebuilt
         np.testing.assert_array_equal(index.prefilter().search(X, Y, 4)[0], ids)
     with ESMIndex.create(tmp_path / "empty", base_model="base", dim=DIM) as empty:
         assert len(empty.prefilter().search(X, Y, 3)[0]) == 0
@@ -296,8 +300,8 @@ def test_calibration_sample_takes_the_rim_and_spreads_inward(tmp_path):
 
 
 @pytest.mark.parametrize("n, calibration, calibrated", [
-    (10, 0, False), (10, 16, True), (20, 16, True),  # fewer examples than the 24 dimensions: calibrated
-    (30, 16, False),
+    (10, 0, False), (10, 16, True), (20, 16, True), (DIM - 1, 16, True),  # n < d = 24: calibrated
+    (DIM, 16, False), (30, 16, False),
 ])
 def test_small_targets_spend_part_of_the_budget_on_calibration(tmp_path, monkeypatch, n, calibration, calibrated):
     W, b = structured_maps(80)
