@@ -9,11 +9,12 @@ responds to the map's spectrum roughly multiplicatively, so it is far more linea
 a pool derived from real ESMs the same linearisation in M kept 0.78 of the exact top 5 within the top
 100, in log M 0.95 (BENCHMARKS.md, "Query prefilter"). The scale matters only for targets with fewer
 examples than dimensions: thuml's evidence has d/2 log alpha for d weights while only min(n, d)
-eigenvalues enter its log-determinant, so of two maps of the same shape the larger scores higher, at
-the fixed point by exactly (d - n)/(2n) per unit of s; for n >= d, dE/ds is zero (alpha absorbs the
-scale). On 10^4 maps derived from real ESMs and targets of 200 examples, s alone explains 54-84% of the
-exact scores' variance, and without it the first pass ranked their exact top 5 at 2,300-10,000 of 10,000
-(BENCHMARKS.md, "The map's scale").
+eigenvalues enter its log-determinant. M -> c M keeps the fit with alpha -> c alpha, so d/2 log alpha
+gains d/2 log c and the log-determinant min(n, d)/2 log c: at the fixed point dE/ds = (d - n)/(2n)
+exactly for n < d, the same for every target of n examples, and zero for n >= d. On 10^4 maps derived
+from real ESMs and targets of 200 examples, s alone explains 54-84% of the exact scores' variance, and
+without it the first pass ranked their exact top 5 at 2,300-10,000 of 10,000 (BENCHMARKS.md, "The map's
+scale").
 
 vec(L) has (d+1)(d+2)/2 entries (74,305 at d = 384), so each source keeps only its coordinates on the
 `rank` principal directions of the pool's L (a PCA trained on a seeded sample of at most `train_max`
@@ -241,13 +242,11 @@ class Basis:
         return np.linalg.eigh(_unpack(self.mean.astype(np.float64), size))
 
     def query(self, X, Y):
-        """The target's query vector: the evidence gradient in L at the mean log map, on the principal
-        directions, then its derivative in the log scale, which is exact and the same for every target of
-        n examples: M -> c M leaves the fit as it is with alpha -> c alpha, so d/2 log alpha gains
-        d/2 log c and the log-determinant's min(n, d) terms min(n, d)/2 log c, and n dE/ds = (d - n)/2 for
-        n < d, 0 beyond. (<dE/dM, M> at exp(L0) gives the same, but for real targets with n >= d it read
-        1.0 through the floor, which makes exp(L0) full rank.) Single-threaded BLAS: on these sizes threads
-        gain little and, on a loaded machine, collapse."""
+        """The target's query vector (times n, as evidence_gradient): the evidence gradient in L at the
+        mean log map on the principal directions, then the exact slope in the log scale, (d - n)/2 for
+        n < d and 0 beyond (module docstring; <dE/dM, M> at exp(L0) would add up to 1 through the floor,
+        which makes exp(L0) full rank). Single-threaded BLAS: on these sizes threads gain little and, on a
+        loaded machine, collapse."""
         X = np.asarray(X, np.float64)
         values, vectors = self.centre
         with single_threaded_blas():
@@ -392,9 +391,10 @@ class Prefilter:
     def calibrated_search(self, X, Y, k, sample, exact):
         """Like `search`, for targets whose evidence is strongly curved: with fewer examples than dimensions
         (the best maps of 100-example targets lie at the pool's rim, where the linearisation at its mean
-        falls short; BENCHMARKS.md, "Second stage" and "The map's scale"). a + b <q, x> + c |x|^2 is fitted by least
-        squares to the exact scores of a `sample` of sources (`calibration_sample`), and every source ranked
-        by b <q, x> + c |x|^2 (|x|: its distance from the pool's mean log map, where the curvature acts).
+        falls short; BENCHMARKS.md, "Second stage" and "The map's scale"). a + b <q, x> + c |x|^2 is fitted
+        by least squares to the exact scores of a `sample` of sources (`calibration_sample`), and every
+        source ranked by b <q, x> + c |x|^2 (|x|: its distance from the pool's mean log map, where the
+        curvature acts).
         Exhaustive, over the coordinates in memory (65 floats a source: milliseconds at 10^6). Too few
         finite scores: `search`."""
         if k <= 0:
