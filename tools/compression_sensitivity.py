@@ -17,13 +17,10 @@ Entries of R's columns for inputs no target has (base-embedding dimensions that 
 2 of MiniLM's 384) have no sensitivity at all; they are counted apart and left out of the bits (any form
 could drop them).
 
-The gradient needs no differentiation through LogME's fixed point: alpha, beta and the ridge solution m
-are where the evidence is stationary (to the fixed point's tolerance), so the gradient at them held
-fixed is the total one. Per label
-column y (B's column b), with A = X~^T X~, H = alpha I + beta R A R^T, u = H^-1 R b:
-    d evidence / dR = (-beta H^-1 R A + beta^2 u b^T - beta^3 u u^T R A) / n,
-averaged over the columns as LogME averages them. The first block printed checks it against the real
-score change of one dithered int8 rounding.
+The gradient: LogME sees R only through M = R^T R, so d score / dR = 2 R dE/dM, with dE/dM the
+prefilter's closed form (esm_index.prefilter.evidence_gradient: alpha and beta at their fixed point and
+moving with M, which matters when a target has fewer examples than dimensions). The first block printed
+checks it against the real score change of one dithered int8 rounding.
 
     python tools/compression_sensitivity.py indexes/default [--esms 4] [--calibration TASK ...]
 
@@ -45,28 +42,27 @@ from bench_query import targets  # noqa: E402
 from pool import load_real  # noqa: E402
 
 from esm_index.esm import ESM  # noqa: E402
-from esm_index.logme import TargetStats, _eigen_forms, _fixed_point, _kept  # noqa: E402
+from esm_index.logme import TargetStats, encode_labels  # noqa: E402
+from esm_index.prefilter import evidence_gradient  # noqa: E402
 
 CALIBRATION = ["bible_wisdom", "chatterbot_italian", "foldoc_machines", "foldoc_theory", "food_reviews_rest",
                "fortunes_de_sayings", "fortunes_en_life", "fortunes_es_a", "fortunes_it_a", "fortunes_ru_wit",
                "wordnet_noun_mind", "wordnet_noun_social"]
 
 
-def gradient(R, stats):
-    """d ESM-LogME / dR (full shape; only the upper entries are stored) for one target."""
-    d = len(R)
-    G = R @ stats.A @ R.T
-    s2, V = np.linalg.eigh(G)
-    z = V.T @ (R @ stats.B)
-    keep = _kept(s2, stats.n, d)
-    alpha, beta, _, _ = _fixed_point(s2[keep], _eigen_forms(s2[keep], (z[keep].T) ** 2), stats.yy, stats.n)
-    RA = R @ stats.A
-    g = np.zeros_like(R)
-    for a, be, b in zip(alpha, beta, stats.B.T):
-        H_inv = (V / (a + be * s2)) @ V.T
-        u = H_inv @ (R @ b)
-        g += -be * H_inv @ RA + be ** 2 * np.outer(u, b) - be ** 3 * np.outer(u, u @ RA)
-    return np.triu(g) / (stats.n * stats.B.shape[1])
+class Target:
+    """A target's embeddings and label columns (for the gradient) and its statistics (for the scores)."""
+
+    def __init__(self, X, labels):
+        self.X, self.Y = X, encode_labels(labels, False)
+        self.stats = TargetStats.from_embeddings(X, labels)
+
+
+def gradient(R, target):
+    """d ESM-LogME / dR (upper entries; the rest zero) for one target: LogME sees R only through
+    M = R^T R, so it is 2 R dE/dM, with dE/dM from the prefilter's evidence_gradient (times n there)."""
+    values, vectors = np.linalg.eigh(R.T @ R)
+    return np.triu(2 * R @ evidence_gradient(target.X, target.Y, values, vectors)) / len(target.X)
 
 
 def bits_saved(weights, log_step):
@@ -105,9 +101,9 @@ def main():
     threadpool_limits(args.threads)
 
     names, W, b, base_model = load_real(args.real)
-    stats = lambda data: [TargetStats.from_embeddings(X, labels) for X, labels in data.values()]  # noqa: E731
-    test = stats(targets(args.tasks, args.cache / "targets", base_model))
-    calibration = stats(targets(args.tasks, args.cache / "targets", base_model, named=args.calibration))
+    test = [Target(*data) for data in targets(args.tasks, args.cache / "targets", base_model).values()]
+    calibration = [Target(*data) for data in targets(args.tasks, args.cache / "targets", base_model,
+                                                     named=args.calibration).values()]
     picked = np.linspace(0, len(names) - 1, min(args.esms, len(names))).round().astype(int)
     print(f"{len(picked)} of {len(names)} real ESMs (d={W.shape[1]}); {len(test)} test targets, "
           f"{len(calibration)} calibration targets")
@@ -118,7 +114,8 @@ def main():
         R = np.linalg.qr(augmented(ESM(W[i], b[i])), mode="r")
         rounded = np.triu(integer_rows(R, 8, rng)[0])
         pairs = [(float(np.sum(gradient(R, s) * (rounded - R))),
-                  scores([from_factor(rounded)], s)[0] - scores([from_factor(R)], s)[0]) for s in test[:4]]
+                  scores([from_factor(rounded)], s.stats)[0] - scores([from_factor(R)], s.stats)[0])
+                 for s in test[:4]]
         print(f"  {names[i]}: " + ", ".join(f"{p:+.2e} vs {a:+.2e}" for p, a in pairs))
 
     print("\nbits per entry saved by steps shaped to the sensitivity, at the same error on the test targets:")
