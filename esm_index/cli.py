@@ -84,7 +84,8 @@ def init(
     dim: Optional[int] = typer.Option(None, help="Embedding dimension; when given, the model is not loaded now."),
     pooling: Optional[str] = typer.Option(None, help="mean | pooler | cls (default: by model kind)."),
     storage: str = typer.Option("float32", help="How records keep each ESM: float32 | triangular-float16 (R of "
-                                                "[W, b] = QR in float16: a quarter of the bytes, same ranking)."),
+                                                "[W, b] = QR in float16: a quarter of the bytes) | triangular-int10 "
+                                                "(R in 10-bit steps, Rice-coded: an eighth); same ranking."),
 ):
     """Create an empty index for one base model."""
     from .index import ESMIndex

@@ -14,10 +14,12 @@ Three concerns, top to bottom:
 import json
 import time
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
+from . import rice
 from .embed import import_torch
 from .errors import ESMIndexError
 
@@ -100,19 +102,32 @@ class ESM:
         if check_storage(form) == "float32":
             return {"esm.weight": self.weight, "esm.bias": self.bias}
         R = np.linalg.qr(np.hstack([self.weight, self.bias[:, None]]).astype(np.float64), mode="r")
-        return {"esm.r": R[_trapezoid(self.dim)].astype(np.float16)}
+        if form == "triangular-float16":
+            return {"esm.r": R[_trapezoid(self.dim)].astype(np.float16)}
+        codes, steps = integer_rows(R, INTEGER_BITS)
+        stream, parameters = rice.encode(codes[_trapezoid(self.dim)], _row_lengths(self.dim))
+        return {"esm.r_rice": stream, "esm.r_rice_k": parameters, "esm.r_step": steps}
 
     @classmethod
     def from_arrays(cls, arrays, config=None):
         """The ESM of a store record, in whichever form it was stored (told apart by its keys)."""
         if "esm.weight" in arrays:
             return cls(arrays["esm.weight"], arrays["esm.bias"], config or {})
-        if "esm.r" not in arrays:
-            raise KeyError("esm.weight (or esm.r)")
-        packed = arrays["esm.r"]
-        dim = round((np.sqrt(8 * len(packed) + 9) - 3) / 2)  # the trapezoid holds dim (dim + 3) / 2 numbers
-        R = np.zeros((dim, dim + 1), np.float32)
-        R[_trapezoid(dim)] = packed
+        if "esm.r" in arrays:
+            packed = arrays["esm.r"]
+            dim = round((np.sqrt(8 * len(packed) + 9) - 3) / 2)  # the trapezoid holds dim (dim + 3) / 2 numbers
+            R = np.zeros((dim, dim + 1), np.float32)
+            R[_trapezoid(dim)] = packed
+        elif "esm.r_rice" in arrays:
+            steps = arrays["esm.r_step"]
+            if arrays["esm.r_rice_k"].shape != steps.shape or steps.ndim != 1:
+                raise ESMIndexError(f"{len(steps)} row steps for {len(arrays['esm.r_rice_k'])} rows of Rice codes")
+            dim = len(steps)
+            R = np.zeros((dim, dim + 1), np.float32)
+            R[_trapezoid(dim)] = rice.decode(arrays["esm.r_rice"], arrays["esm.r_rice_k"], _row_lengths(dim))
+            R *= steps[:, None]
+        else:
+            raise KeyError("esm.weight (or esm.r or esm.r_rice)")
         return cls(R[:, :dim], R[:, dim], config or {})
 
     # -- hf-dataset-selector folders -------------------------------------------------------------
@@ -238,15 +253,28 @@ def _fit_adamw(X, Y, config):
 
 
 # -- storage forms -------------------------------------------------------------------------------
-STORAGE_FORMS = ("float32", "triangular-float16")
-"""How a record keeps W~ = [W, b]: exactly, in float32 (hf-dataset-selector's 2.36 MB at d = 768), or as
-the triangular factor R of W~ = Q R (QR decomposition) in float16, a quarter of that. R x~ = Q^T f(x) is
-the map rotated, and LogME sees features only up to rotation (it depends on the ESM only through
-W~^T W~ = R^T R), so every target scores it as it scores f, up to float16 rounding; exporting it gives
-the rotated map. Accepted on measured ranking fidelity (tools/bench_compression.py: scores within 1e-5
-of float32 on real ESMs). Smaller forms were measured and rejected: int8 R (lzma-coded: 9.4%) and log
-residuals move scores by 3e-4 to 8e-4 and keep a target's top 5 only when their rounding happens to favour
-its near-ties; a diagonal-plus-low-rank W reorders sources outright."""
+STORAGE_FORMS = ("float32", "triangular-float16", "triangular-int10")
+"""How a record keeps W~ = [W, b]: exactly, in float32 (hf-dataset-selector's 2.36 MB at d = 768), or by
+the triangular factor R of W~ = Q R (QR decomposition). R x~ = Q^T f(x) is the map rotated, and LogME sees
+features only up to rotation (it depends on the ESM only through W~^T W~ = R^T R), so every target scores
+R as it scores f, up to R's rounding; exporting it gives the rotated map. R is kept in float16 (a quarter
+of float32), or as 10-bit integer steps of each row's largest entry, Rice-coded (about 12.7%). Both were
+accepted on measured ranking fidelity on real ESMs (tools/bench_compression.py: scores within 1e-5 and
+2e-4 of float32, the same top 5 under fresh rounding errors every time). Smaller forms were measured and
+rejected: 8- and 9-bit steps (9.5%, 11.1%) and log residuals move scores by 3e-4 to 8e-4 and keep a
+target's top 5 only when their rounding happens to favour its near-ties; a diagonal-plus-low-rank W
+reorders sources outright."""
+INTEGER_BITS = 10  # of triangular-int10
+
+
+def integer_rows(R, bits, offset=0.0):
+    """R in integer steps of each row's largest entry / (2^(bits - 1) - 1): (codes, float32 steps); R is
+    about (codes - offset) * steps. `offset` (subtractive dither) lets a measurement draw fresh errors."""
+    top = 2 ** (bits - 1) - 1
+    steps = (np.abs(R).max(1) / top).astype(np.float32)
+    steps[steps == 0] = 1
+    codes = np.clip(np.round(R / steps[:, None] + offset), -top, top)  # dither can push the largest out
+    return codes.astype(np.int64), steps
 
 
 def check_storage(form):
@@ -255,9 +283,18 @@ def check_storage(form):
     return form
 
 
+@lru_cache(maxsize=8)
 def _trapezoid(dim):
-    """Row and column indices of the upper trapezoid of a (dim, dim + 1) matrix: dim (dim + 3) / 2 entries."""
-    return np.triu_indices(dim, m=dim + 1)
+    """The upper trapezoid of a (dim, dim + 1) matrix as a mask (dim (dim + 3) / 2 entries, row by row);
+    kept, since every stored ESM an index decodes has its dimension."""
+    mask = np.triu(np.ones((dim, dim + 1), bool))
+    mask.flags.writeable = False
+    return mask
+
+
+def _row_lengths(dim):
+    """Entries in each row of that trapezoid: dim + 1, dim, ..., 2."""
+    return np.arange(dim + 1, 1, -1)
 
 
 # -- hf-dataset-selector interop -----------------------------------------------------------------

@@ -36,7 +36,7 @@ class SourceRecord:
     """Everything stored for one source: its ESM, vectors derived from it, and facts as JSON."""
 
     name: str
-    arrays: dict  # name -> np.ndarray: "esm.weight", "esm.bias" (or "esm.r"), summary statistics
+    arrays: dict  # name -> np.ndarray: the ESM ("esm.*", by storage form), summary statistics
     info: dict = field(default_factory=dict)  # id, content hash, task and fit facts, ESM config
 
     def encode(self):

@@ -371,7 +371,7 @@ def test_verify_flags_records_that_do_not_fit_the_index(path):
     with ESMIndex.open(path, readonly=True) as index:
         problems = "\n".join(index.verify().problems)
     for expected in ["'wrong-shape': stats.mapped_mean has shape (17,)", "'not-finite': esm.bias contains NaN",
-                     "'no-weight': missing array 'esm.weight (or esm.r)'", "'no-bias': missing array 'esm.bias'",
+                     "'no-weight': missing array 'esm.weight (or esm.r or esm.r_rice)'", "'no-bias': missing array 'esm.bias'",
                      "'other-dim': the ESM's arrays do not form a map", "'other-model': the ESM is for base model "
                      "'roberta-base'"]:
         assert expected in problems

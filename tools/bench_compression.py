@@ -8,9 +8,8 @@ is accepted when every target keeps rho >= 0.99 and the same top-5 set.
 
 Forms: the index's STORAGE_FORMS, and candidates measured and rejected, kept here to show why:
 - float16: W and b rounded to float16;
-- triangular int8: R of [W, b] = Q R as int8 steps of one float32 scale per row (its largest entry / 127);
-- triangular intN + lzma: the same with N bits (steps of the row's largest entry / (2^(N-1) - 1)), the
-  codes lzma-compressed: how many bits reliable fidelity takes;
+- triangular intN + Rice: R of [W, b] = Q R in N-bit integer steps of each row's largest entry, Rice-coded
+  (triangular-int10 with N bits): how many bits reliable fidelity takes;
 - log residual, step s: log M (M = W~^T W~ / |M|_F) minus an index-wide reference log map, in the
   reference's eigenbasis, rounded to steps of s (int8, escapes for the few larger entries; the diagonal in
   float32) and lzma-compressed; the reference is the mean log map of the other sources, as for a source
@@ -25,8 +24,8 @@ moves when the target's own examples are resampled (bootstrap): LogME's sampling
 Bytes per source are measured on the pool's maps (the compressed forms depend on the map), and given as a
 share of float32 at the same d. The uncompressed forms but the low-rank one keep a fixed share of the
 d (d + 1) entries plus O(d) bytes, so their share is the one at d = 768, where float32 is
-hf-dataset-selector's 2,362,368 bytes (the low-rank form's share halves there); for the lzma forms it is
-an estimate (bits per entry measured at the pool's d).
+hf-dataset-selector's 2,362,368 bytes (the low-rank form's share halves there); for the coded forms (Rice,
+lzma) it is an estimate (bits per entry measured at the pool's d).
 
     python tools/bench_compression.py indexes/default [--bits 8 9 10 11] [--steps 0.005 0.01] [--ranks 16 64 128]
         [--realisations 10]
@@ -49,7 +48,8 @@ from bench_query import targets  # noqa: E402
 from pool import load_real  # noqa: E402
 
 from esm_index.embed import set_threads  # noqa: E402
-from esm_index.esm import ESM, STORAGE_FORMS  # noqa: E402
+from esm_index import rice  # noqa: E402
+from esm_index.esm import ESM, STORAGE_FORMS, integer_rows  # noqa: E402
 from esm_index.index import ESMIndex  # noqa: E402
 from esm_index.logme import TargetStats, logme_from_stats  # noqa: E402
 
@@ -84,15 +84,6 @@ def rounded(x, rng):
     return steps, steps - offset
 
 
-def integer_rows(R, bits, rng=None):
-    """R in integer steps of its rows' largest entry / (2^(bits - 1) - 1): (decoded, codes)."""
-    top = 2 ** (bits - 1) - 1
-    scale = np.abs(R).max(1, keepdims=True) / top
-    codes, values = rounded(R / np.where(scale > 0, scale, 1), rng)
-    clipped = np.clip(codes, -top, top)  # dither can push a row's largest entry one step out
-    return (values + clipped - codes) * scale, clipped.astype(np.int8 if bits <= 8 else np.int16)
-
-
 # -- forms: each maps the pool's ESMs to (the ESMs as decoded, bytes per source); the rounding forms take a
 # dither generator too (None: plain rounding) -------------------------------------------------------------
 def stored(form):
@@ -108,14 +99,17 @@ def half_precision(esms):
             [e.dim * (e.dim + 1) * 2 for e in esms])
 
 
-def triangular_integer(bits, compress):
+def triangular_integer(bits):
+    """R in `bits`-bit steps per row, Rice-coded, as triangular-int10 keeps it with 10."""
     def encode(esms, rng=None):
         decoded, sizes = [], []
         for e in esms:
-            R, codes = integer_rows(np.linalg.qr(augmented(e), mode="r"), bits, rng)
-            decoded.append(from_factor(np.triu(R)))
-            upper = codes[np.triu_indices(e.dim, m=e.dim + 1)]
-            sizes.append((lzma_bytes(upper) if compress else upper.nbytes) + 4 * e.dim)  # codes, row scales
+            R = np.linalg.qr(augmented(e), mode="r")
+            offset = 0.0 if rng is None else rng.uniform(-0.5, 0.5, R.shape)
+            codes, steps = integer_rows(R, bits, offset)
+            decoded.append(from_factor(np.triu((codes - offset) * steps[:, None])))
+            stream, parameters = rice.encode(codes[np.triu_indices(e.dim, m=e.dim + 1)], np.arange(e.dim + 1, 1, -1))
+            sizes.append(stream.nbytes + parameters.nbytes + steps.nbytes)
         return decoded, sizes
     return encode
 
@@ -203,7 +197,7 @@ def main():
     parser.add_argument("--tasks", type=Path, default=Path("data/tasks"))
     parser.add_argument("--cache", type=Path, default=Path("data/bench"))
     parser.add_argument("--bits", type=int, nargs="*", default=[8, 9, 10, 11],
-                        help="bits per entry of the triangular integer forms compressed with lzma")
+                        help="bits per entry of the triangular integer forms")
     parser.add_argument("--steps", type=float, nargs="*", default=[0.005, 0.01], help="log-residual steps")
     parser.add_argument("--ranks", type=int, nargs="*", default=[16, 64, 128], help="diagonal + low-rank ranks")
     parser.add_argument("--bootstrap", type=int, default=20,
@@ -211,8 +205,8 @@ def main():
     parser.add_argument("--realisations", type=int, default=10, help="dithered encodings of each rounding form")
     parser.add_argument("--threads", type=int, default=2, help="torch, faiss and BLAS threads")
     args = parser.parse_args()
-    if any(not 2 <= bits <= 16 for bits in args.bits):
-        parser.error("--bits: each between 2 and 16 (codes are kept in int8 or int16)")
+    if any(not 2 <= bits <= 24 for bits in args.bits):
+        parser.error("--bits: each between 2 and 24 (the Rice coder's range)")
     set_threads(args.threads)
     threadpool_limits(args.threads)
 
@@ -240,8 +234,7 @@ def main():
           "|---|---|---|---|---|---|---|---|---|---|")
     forms = {form: stored(form) for form in STORAGE_FORMS}
     forms["float16"] = half_precision
-    rounding = {"triangular int8": triangular_integer(8, False)}
-    rounding.update({f"triangular int{bits} + lzma": triangular_integer(bits, True) for bits in args.bits})
+    rounding = {f"triangular int{bits} + Rice": triangular_integer(bits) for bits in args.bits}
     rounding.update({f"log residual, step {s:g} + lzma": log_residual(s) for s in args.steps})
     forms.update(rounding)
     forms.update({f"diagonal + rank {r}": diagonal_plus_low_rank(r) for r in args.ranks})

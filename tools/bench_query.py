@@ -21,8 +21,8 @@ its docstring). For each pool size N, in a fresh process (so peak memory is that
              its runs). recall@k at K = share of the scan's top k among the K sources rescored exactly:
              as the index chooses them (FAISS screen, then the surrogate, its anchors' exact scores
              taken from the scan), and ", first pass" the FAISS top K alone.
-  lmdb       for N <= --index-max, the same pool written to a real index and queried end to end with
-             ESMIndex.query_embeddings (LMDB reads and all): p50 of its total.
+  lmdb       for N <= --index-max, the same pool written to a real index (ESMs in the --storage form)
+             and queried end to end with ESMIndex.query_embeddings (LMDB reads and all): p50 of its total.
 
     python tools/bench_query.py indexes/default --sizes 1000 10000 100000 [--scan-targets 4] [--json out.json]
     python tools/bench_query.py REAL --sizes 1000 --quick     # 2 targets, 1 repeat: a smoke run
@@ -211,13 +211,14 @@ def run_size(args, size):
 
 
 def index_query(pool, work, data, names_t, base_model, args):
-    """p50 of ESMIndex.query_embeddings on a real index holding the pool (built once, then reused)."""
+    """p50 of ESMIndex.query_embeddings on a real index holding the pool in the --storage form (built
+    once, then reused)."""
     from esm_index.index import ESMIndex
 
-    path = work / "index"
+    path = work / ("index" if args.storage == "float32" else f"index-{args.storage}")
     if not (path / "data.mdb").exists():
-        pool.to_index(work / "index.tmp", base_model)
-        (work / "index.tmp").rename(path)
+        pool.to_index(path.with_suffix(".tmp"), base_model, args.storage)
+        path.with_suffix(".tmp").rename(path)
     with ESMIndex.open(path, readonly=True) as index:
         index.prefilter()
         times = []
@@ -274,6 +275,7 @@ def main():
     parser.add_argument("--candidates", type=int, default=DEFAULT_CANDIDATES, help="candidates rescored exactly")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--index-max", type=int, default=1000, help="largest N also queried as a real index")
+    parser.add_argument("--storage", default="float32", help="ESM storage form of that index (esm.STORAGE_FORMS)")
     parser.add_argument("--threads", type=int, default=int(os.environ.get("ESM_INDEX_THREADS", 2)))
     parser.add_argument("--seed", type=int, default=0, help="of the derived pool (and of the --examples sample)")
     default = PrefilterConfig()
