@@ -104,9 +104,7 @@ class ESM:
         R = np.linalg.qr(np.hstack([self.weight, self.bias[:, None]]).astype(np.float64), mode="r")
         if form == "triangular-float16":
             return {"esm.r": R[_trapezoid(self.dim)].astype(np.float16)}
-        codes, steps = integer_rows(R, INTEGER_BITS)
-        stream, parameters = rice.encode(codes[_trapezoid(self.dim)], _row_lengths(self.dim))
-        return {"esm.r_rice": stream, "esm.r_rice_k": parameters, "esm.r_step": steps}
+        return rice_arrays(*integer_rows(R, INTEGER_BITS))
 
     @classmethod
     def from_arrays(cls, arrays, config=None):
@@ -275,6 +273,14 @@ def integer_rows(R, bits, offset=0.0):
     steps[steps == 0] = 1
     codes = np.clip(np.round(R / steps[:, None] + offset), -top, top)  # dither can push the largest out
     return codes.astype(np.int64), steps
+
+
+def rice_arrays(codes, steps):
+    """The record arrays of triangular-int10 for the integer codes of R and their rows' steps: the codes of
+    R's upper trapezoid Rice-coded, each row's Rice parameter, each row's step."""
+    dim = len(steps)
+    stream, parameters = rice.encode(codes[_trapezoid(dim)], _row_lengths(dim))
+    return {"esm.r_rice": stream, "esm.r_rice_k": parameters, "esm.r_step": steps}
 
 
 def check_storage(form):

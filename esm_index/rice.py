@@ -20,7 +20,9 @@ def encode(values, lengths):
     """(stream, parameters): `values` (integers, consecutive groups of `lengths` entries) as one uint8
     stream, and each group's parameter k as uint8."""
     values, lengths = np.asarray(values, np.int64), np.asarray(lengths, np.int64)
-    if lengths.sum() != len(values) or (lengths <= 0).any():
+    if (lengths <= 0).any():
+        raise ESMIndexError("Rice code: a group of no entries")
+    if lengths.sum() != len(values):
         raise ESMIndexError(f"Rice code: groups of {lengths.sum()} entries for {len(values)} values")
     u = np.where(values >= 0, 2 * values, -2 * values - 1)  # zigzag: 0, -1, 1, -2, ... -> 0, 1, 2, 3, ...
     if u.max(initial=0) >= 2 ** (MAX_PARAMETER + 1):

@@ -42,6 +42,8 @@ def test_groups_of_different_scales_get_their_own_parameter_and_code_near_the_en
 def test_bad_inputs_are_refused():
     with pytest.raises(ESMIndexError, match="groups of 3 entries for 4 values"):
         rice.encode([1, 2, 3, 4], [2, 1])
+    with pytest.raises(ESMIndexError, match="a group of no entries"):
+        rice.encode([1, 2], [2, 0])
     with pytest.raises(ESMIndexError, match="magnitude 33554432 is out of range"):
         rice.encode([2**25], [1])
     stream, parameters = rice.encode(np.arange(-50, 50), [100])

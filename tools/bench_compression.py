@@ -48,8 +48,7 @@ from bench_query import targets  # noqa: E402
 from pool import load_real  # noqa: E402
 
 from esm_index.embed import set_threads  # noqa: E402
-from esm_index import rice  # noqa: E402
-from esm_index.esm import ESM, STORAGE_FORMS, integer_rows  # noqa: E402
+from esm_index.esm import ESM, STORAGE_FORMS, integer_rows, rice_arrays  # noqa: E402
 from esm_index.index import ESMIndex  # noqa: E402
 from esm_index.logme import TargetStats, logme_from_stats  # noqa: E402
 
@@ -108,8 +107,7 @@ def triangular_integer(bits):
             offset = 0.0 if rng is None else rng.uniform(-0.5, 0.5, R.shape)
             codes, steps = integer_rows(R, bits, offset)
             decoded.append(from_factor(np.triu((codes - offset) * steps[:, None])))
-            stream, parameters = rice.encode(codes[np.triu_indices(e.dim, m=e.dim + 1)], np.arange(e.dim + 1, 1, -1))
-            sizes.append(stream.nbytes + parameters.nbytes + steps.nbytes)
+            sizes.append(sum(a.nbytes for a in rice_arrays(codes, steps).values()))
         return decoded, sizes
     return encode
 
