@@ -17,7 +17,7 @@ def round_trip(values, lengths):
     ([0], [1]),
     ([0, 0, 0, 0], [3, 1]),
     ([-1, 1, -2, 2, 7], [5]),
-    ([2**24 - 1, -(2**24), 0, 5], [1, 2, 1]),  # the coder's range, each extreme alone in a group
+    ([2**24 - 1, -(2**24), 0, 5], [1, 2, 1]),  # the ends of the coder's range
     ([-3, 900, -900, 1, 0, 2], [2, 2, 2]),
 ])
 def test_edge_cases_round_trip(values, lengths):
@@ -39,13 +39,26 @@ def test_groups_of_different_scales_get_their_own_parameter_and_code_near_the_en
     assert entropy < 8 * len(stream) < entropy + 0.1 * len(values)
 
 
+def test_the_stream_format_is_fixed():
+    """Indexes on disk hold these streams: bit order, group order and layout must not drift."""
+    values, lengths = [0, -1, 1, 5, -7, 2, 0, 0, 3, 40], [4, 3, 2, 1]
+    stream, parameters = rice.encode(values, lengths)
+    assert stream.tobytes().hex() == "2fba3b210040" and parameters.tolist() == [1, 2, 1, 5]
+    np.testing.assert_array_equal(rice.decode(np.frombuffer(bytes.fromhex("2fba3b210040"), np.uint8),
+                                              np.array([1, 2, 1, 5], np.uint8), lengths), values)
+
+
 def test_bad_inputs_are_refused():
     with pytest.raises(ESMIndexError, match="groups of 3 entries for 4 values"):
         rice.encode([1, 2, 3, 4], [2, 1])
     with pytest.raises(ESMIndexError, match="a group of no entries"):
         rice.encode([1, 2], [2, 0])
-    with pytest.raises(ESMIndexError, match="magnitude 33554432 is out of range"):
-        rice.encode([2**25], [1])
+    with pytest.raises(ESMIndexError, match="magnitude 16777216 is out of range"):
+        rice.encode([2**24], [1])
+    with pytest.raises(ESMIndexError, match="dtype float64, not integers"):
+        rice.encode([1.7], [1])
+    with pytest.raises(ESMIndexError, match="parameters outside 0..24"):
+        rice.decode(*rice.encode([1, 2], [2])[:1], np.array([25], np.uint8), [2])
     stream, parameters = rice.encode(np.arange(-50, 50), [100])
     with pytest.raises(ESMIndexError, match="too short for 100 entries"):
         rice.decode(stream[: len(stream) // 2], parameters, [100])

@@ -48,7 +48,7 @@ from bench_query import targets  # noqa: E402
 from pool import load_real  # noqa: E402
 
 from esm_index.embed import set_threads  # noqa: E402
-from esm_index.esm import ESM, STORAGE_FORMS, integer_rows, rice_arrays  # noqa: E402
+from esm_index.esm import ESM, STORAGE_FORMS, quantise_rows, rice_arrays  # noqa: E402
 from esm_index.index import ESMIndex  # noqa: E402
 from esm_index.logme import TargetStats, logme_from_stats  # noqa: E402
 
@@ -98,15 +98,21 @@ def half_precision(esms):
             [e.dim * (e.dim + 1) * 2 for e in esms])
 
 
+def integer_rounded(R, bits, rng=None):
+    """R rounded as triangular-int10 rounds it, with `bits` bits, plain or (rng) with fresh subtractive
+    dither: (the R it decodes to, the codes, the rows' steps)."""
+    offset = 0.0 if rng is None else rng.uniform(-0.5, 0.5, R.shape)
+    codes, steps = quantise_rows(R, bits, offset)
+    return np.triu((codes - offset) * steps[:, None]), codes, steps
+
+
 def triangular_integer(bits):
     """R in `bits`-bit steps per row, Rice-coded, as triangular-int10 keeps it with 10."""
     def encode(esms, rng=None):
         decoded, sizes = [], []
         for e in esms:
-            R = np.linalg.qr(augmented(e), mode="r")
-            offset = 0.0 if rng is None else rng.uniform(-0.5, 0.5, R.shape)
-            codes, steps = integer_rows(R, bits, offset)
-            decoded.append(from_factor(np.triu((codes - offset) * steps[:, None])))
+            R, codes, steps = integer_rounded(np.linalg.qr(augmented(e), mode="r"), bits, rng)
+            decoded.append(from_factor(R))
             sizes.append(sum(a.nbytes for a in rice_arrays(codes, steps).values()))
         return decoded, sizes
     return encode

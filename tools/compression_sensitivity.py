@@ -37,7 +37,7 @@ import numpy as np
 from threadpoolctl import threadpool_limits
 
 sys.path.insert(0, str(Path(__file__).parent))
-from bench_compression import augmented, from_factor, integer_rows, scores  # noqa: E402
+from bench_compression import augmented, from_factor, integer_rounded, scores  # noqa: E402
 from bench_query import targets  # noqa: E402
 from pool import load_real  # noqa: E402
 
@@ -112,7 +112,7 @@ def main():
     rng = np.random.default_rng(0)
     for i in picked:
         R = np.linalg.qr(augmented(ESM(W[i], b[i])), mode="r")
-        rounded = np.triu(integer_rows(R, 8, rng)[0])
+        rounded = integer_rounded(R, 8, rng)[0]
         pairs = [(float(np.sum(gradient(R, s) * (rounded - R))),
                   scores([from_factor(rounded)], s.stats)[0] - scores([from_factor(R)], s.stats)[0])
                  for s in test[:4]]
