@@ -2,8 +2,8 @@
 
 Rounded ESM entries are near Laplacian, and a Rice code (a zigzagged value u as u >> k in unary, then its
 low k bits) comes within 0.03-0.07 bits per entry of the entropy of such data at the spreads of ESM rows
-(k = 2 to 9; 0.1 or more below); lzma, a byte-oriented coder, spends about two bits more per entry on
-10-bit codes (BENCHMARKS.md, "Compact storage").
+(k = 2 to 9; 0.1 or more below); lzma, a byte-oriented coder, spends 1.3 bits more per entry on 10-bit
+codes (BENCHMARKS.md, "Compact storage").
 The entries come in groups (an ESM's rows), each with its own parameter k, chosen to minimise its length.
 The stream keeps all unary parts first, then the low bits, those of the entries with the smallest k first,
 so that both decode in whole-array steps: the unary parts end at their n-th zero bit, and the low bits of
