@@ -64,13 +64,14 @@ CANDIDATES = (10, 20, 50, 100, 200)
 
 def targets(tasks, cache, base_model, examples=None, seed=0, named=None):
     """{name: (X, labels)} of the target tasks (or of the `named` tasks, any role), base embeddings cached
-    under `cache`; with `examples`, a seeded sample of that many of each task's examples (the selection
-    study's targets have 100)."""
+    under `cache`, one folder per base model; with `examples`, a seeded sample of that many of each task's
+    examples (the selection study's targets have 100)."""
     manifest = json.loads((tasks / "manifest.json").read_text())
     unknown = set(named or ()) - {task["name"] for task in manifest["tasks"]}
     if unknown:
         raise SystemExit(f"{tasks}: no task named {', '.join(sorted(unknown))}")
     out, encoder = {}, None
+    cache = cache / f"{Path(base_model).name}-{hashlib.sha1(base_model.encode()).hexdigest()[:8]}"
     cache.mkdir(parents=True, exist_ok=True)
     for task in manifest["tasks"]:
         if (task["name"] not in named) if named else task["role"] != "target":
