@@ -253,10 +253,10 @@ R as it scores f, up to R's rounding; exporting it gives the rotated map. R is k
 of float32), or as 10-bit integer steps of each row's largest entry, Rice-coded (about 12.7%). Both were
 accepted on measured ranking fidelity on real ESMs (tools/bench_compression.py: scores within 1e-5 and
 2e-4 of float32; the integer form keeps every target's top 5 under fresh rounding errors, 50 of 50
-times). Smaller forms were measured and
-rejected: 8- and 9-bit steps (9.5%, 11.1%) and log residuals move scores by 3e-4 to 8e-4 and keep a
-target's top 5 only when their rounding happens to favour its near-ties; a diagonal-plus-low-rank W
-reorders sources outright."""
+times). Smaller forms were measured and not offered: 8- and 9-bit steps (9.5%, 11.1%) and log residuals
+move scores by 3e-4 to 8e-4 and keep the top 5 of the 384-d pool's targets only when their rounding
+happens to favour a near-tie (8-bit steps pass a 768-d pool whose margins are wider: BENCHMARKS.md, "At
+d = 768"); a diagonal-plus-low-rank W reorders sources outright."""
 INTEGER_BITS = 10  # of triangular-int10
 
 
@@ -281,8 +281,9 @@ def rice_arrays(codes, steps):
 
 
 def _decode_rice(arrays):
-    """R of a triangular-int10 record, in float32. The Rice stream holds no checksum, but a damaged one
-    decodes to rows whose largest code is not the one every row starts with: that is refused."""
+    """R of a triangular-int10 record, in float32. The Rice stream holds no checksum, but `quantise_rows`
+    gives every row a largest code of 0 or 511, and a damaged stream decodes to rows that break this:
+    those are refused."""
     steps, parameters = arrays["esm.r_step"], arrays["esm.r_rice_k"]
     if steps.ndim != 1 or not len(steps) or parameters.shape != steps.shape:
         raise ESMIndexError(f"Rice-coded R with row steps of shape {steps.shape} and parameters of shape "
