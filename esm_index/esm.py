@@ -104,7 +104,7 @@ class ESM:
         R = np.linalg.qr(np.hstack([self.weight, self.bias[:, None]]).astype(np.float64), mode="r")
         if form == "triangular-float16":
             return {"esm.r": R[_trapezoid(self.dim)].astype(np.float16)}
-        return rice_arrays(*quantise_rows(R, INTEGER_BITS))
+        return rice_arrays(*quantise_rows(R, INTEGER_BITS[form]))
 
     @classmethod
     def from_arrays(cls, arrays, config=None):
@@ -245,19 +245,20 @@ def _fit_adamw(X, Y, config):
 
 
 # -- storage forms -------------------------------------------------------------------------------
-STORAGE_FORMS = ("float32", "triangular-float16", "triangular-int10")
+STORAGE_FORMS = ("float32", "triangular-float16", "triangular-int10", "triangular-int8")
 """How a record keeps W~ = [W, b]: exactly, in float32 (hf-dataset-selector's 2.36 MB at d = 768), or by
 the triangular factor R of W~ = Q R (QR decomposition). R x~ = Q^T f(x) is the map rotated, and LogME sees
 features only up to rotation (it depends on the ESM only through W~^T W~ = R^T R), so every target scores
 R as it scores f, up to R's rounding; exporting it gives the rotated map. R is kept in float16 (a quarter
-of float32), or as 10-bit integer steps of each row's largest entry, Rice-coded (about 12.7%). Both were
-accepted on measured ranking fidelity on real ESMs (tools/bench_compression.py: scores within 1e-5 and
-2e-4 of float32; the integer form keeps every target's top 5 under fresh rounding errors, 50 of 50
-times). Smaller forms were measured and not offered: 8- and 9-bit steps (9.5%, 11.1%) and log residuals
-move scores by 3e-4 to 8e-4 and keep the top 5 of the 384-d pool's targets only when their rounding
-happens to favour a near-tie (8-bit steps pass a 768-d pool whose margins are wider: BENCHMARKS.md, "At
-d = 768"); a diagonal-plus-low-rank W reorders sources outright."""
-INTEGER_BITS = 10  # of triangular-int10
+of float32), or as integer steps of each row's largest entry, Rice-coded: 10-bit steps (about 12%) or
+8-bit steps (about 8.5%). Each was accepted on measured ranking fidelity on real ESMs
+(tools/bench_compression.py; BENCHMARKS.md, "Compact storage" and "At d = 768"): float16 and 10-bit
+steps keep every target's top 5 on every pool measured, under fresh rounding errors too. 8-bit steps move
+scores by up to 1.3e-3: they keep every top 5 on the 768-d pool, whose 5th and 6th sources lie at least
+7e-4 apart, and lose one on the 384-d pool, where two sources tie within 8e-5 (far below LogME's own
+sampling noise). Smaller forms were measured and not offered: log residuals keep fewer top 5s than 8-bit
+steps at their size, and a diagonal-plus-low-rank W reorders sources outright."""
+INTEGER_BITS = {"triangular-int10": 10, "triangular-int8": 8}
 
 
 def quantise_rows(R, bits, offset=0.0):
@@ -273,7 +274,7 @@ def quantise_rows(R, bits, offset=0.0):
 
 
 def rice_arrays(codes, steps):
-    """The record arrays of triangular-int10 for the integer codes of R and their rows' steps: the codes of
+    """The record arrays of an integer form for the integer codes of R and their rows' steps: the codes of
     R's upper trapezoid Rice-coded, each row's Rice parameter, each row's step."""
     dim = len(steps)
     stream, parameters = rice.encode(codes[_trapezoid(dim)], _trapezoid(dim).sum(1))
@@ -281,9 +282,9 @@ def rice_arrays(codes, steps):
 
 
 def _decode_rice(arrays):
-    """R of a triangular-int10 record, in float32. The Rice stream holds no checksum, but `quantise_rows`
-    gives every row a largest code of 0 or 511, and a damaged stream decodes to rows that break this:
-    those are refused."""
+    """R of an integer-form record, in float32. The Rice stream holds no checksum, but `quantise_rows`
+    gives every row a largest code of 0 or its form's scale (511 or 127), the same for all rows, and a
+    damaged stream decodes to rows that break this: those are refused."""
     steps, parameters = arrays["esm.r_step"], arrays["esm.r_rice_k"]
     if steps.ndim != 1 or not len(steps) or parameters.shape != steps.shape:
         raise ESMIndexError(f"Rice-coded R with row steps of shape {steps.shape} and parameters of shape "
@@ -292,7 +293,8 @@ def _decode_rice(arrays):
     lengths = mask.sum(1)
     codes = rice.decode(arrays["esm.r_rice"], parameters, lengths)
     largest = np.maximum.reduceat(np.abs(codes), np.cumsum(lengths) - lengths)
-    if not np.isin(largest, (0, 2 ** (INTEGER_BITS - 1) - 1)).all():
+    scales = set(np.unique(largest).tolist()) - {0}
+    if len(scales) > 1 or not scales <= {2 ** (bits - 1) - 1 for bits in INTEGER_BITS.values()}:
         raise ESMIndexError("Rice-coded R is damaged: a row's largest code is not its row's scale")
     R = np.zeros(mask.shape, np.float32)
     R[mask] = codes

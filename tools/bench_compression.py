@@ -9,7 +9,7 @@ is accepted when every target keeps rho >= 0.99 and the same top-5 set.
 Forms: the index's STORAGE_FORMS, and candidates measured and rejected, kept here to show why:
 - float16: W and b rounded to float16;
 - triangular intN + Rice: R of [W, b] = Q R in N-bit integer steps of each row's largest entry, Rice-coded
-  (triangular-int10 with N bits): how many bits reliable fidelity takes;
+  (triangular-int10 and -int8 with N bits): how many bits reliable fidelity takes;
 - log residual, step s: log M (M = W~^T W~ / |M|_F) minus an index-wide reference log map, in the
   reference's eigenbasis, rounded to steps of s (int8, escapes for the few larger entries; the diagonal in
   float32) and lzma-compressed; the reference is the mean log map of the other sources, as for a source
@@ -99,7 +99,7 @@ def half_precision(esms):
 
 
 def integer_rounded(R, bits, rng=None):
-    """R rounded as triangular-int10 rounds it, with `bits` bits, plain or (rng) with fresh subtractive
+    """R rounded as the integer storage forms round it, with `bits` bits, plain or (rng) with fresh subtractive
     dither: (the R it decodes to, the codes, the rows' steps)."""
     offset = 0.0 if rng is None else rng.uniform(-0.5, 0.5, R.shape)
     codes, steps = quantise_rows(R, bits, offset)
@@ -107,7 +107,7 @@ def integer_rounded(R, bits, rng=None):
 
 
 def triangular_integer(bits):
-    """R in `bits`-bit steps per row, Rice-coded, as triangular-int10 keeps it with 10."""
+    """R in `bits`-bit steps per row, Rice-coded, as triangular-int10 keeps it with 10 (and -int8 with 8)."""
     def encode(esms, rng=None):
         decoded, sizes = [], []
         for e in esms:
