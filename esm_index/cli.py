@@ -320,6 +320,24 @@ def verify(
         fail(f"{len(report.problems)} problem(s) in {index}; a damaged source can be removed and added again")
 
 
+@command()
+def convert(
+    index: Path = INDEX,
+    out_index: Path = typer.Argument(..., metavar="OUT", help="New index folder."),
+    storage: str = typer.Option(..., help="Storage form of the new index (see `init --storage`)."),
+    quiet: bool = QUIET,
+):
+    """Copy an index with every ESM re-stored in another storage form (statistics and facts kept); the
+    index itself is only read. Measure a form's ranking fidelity on the index first:
+    tools/bench_compression.py INDEX."""
+    with open_index(index, readonly=True) as opened, progress_bar(quiet) as bar:
+        task = bar.add_task("converting", total=len(opened))
+        with opened.convert(out_index, storage, lambda done, total: bar.update(task, completed=done)) as converted:
+            info = converted.info()
+    err.print(f"converted {info['sources']} sources to {out_index} (storage {info['storage']}, "
+              f"{info['disk_bytes'] / 1e6:.1f} MB)")
+
+
 @command("import-esm")
 def import_esm(
     index: Path = INDEX,

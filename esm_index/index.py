@@ -1,6 +1,7 @@
 """`ESMIndex`: the Python API that ties store, encoder, prefilter and rescoring together."""
 
 import re
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -11,7 +12,7 @@ from .errors import ESMIndexError
 from .esm import ESM, check_origin, check_storage, import_name
 from .prefilter import Prefilter, PrefilterConfig
 from .query import DEFAULT_CANDIDATES, rank
-from .store import Store
+from .store import SourceRecord, Store
 from .verify import check_record, verify
 
 NAME_PATTERN = re.compile(r"^[\w.:@+/-][\w .:@+/=-]{0,199}$")
@@ -243,6 +244,36 @@ class ESMIndex:
         facts = {"base_model_name": self.meta["base_model"], "task_id": name,
                  "num_examples": record.info.get("num_examples")}
         esm.save(folder, {**{k: v for k, v in facts.items() if v is not None}, **esm.config})
+
+    def convert(self, path, storage, progress=None):
+        """A new index at `path` holding every source of this one with its ESM re-stored in `storage`
+        (statistics and facts kept), and its prefilter; this index is only read. From a compact form the
+        new records hold its rounded (and, from a triangular one, rotated) map. A converted record has no
+        content hash, as its hash named the old form: a later `build` prepares it again. On any failure
+        the new index is removed. `progress(done, total)` follows the sources."""
+        check_storage(storage)
+        path, meta = Path(path), self.meta
+        existed = path.exists()
+        converted = ESMIndex.create(path, meta["base_model"], meta["dim"], meta["pooling"], storage,
+                                    PrefilterConfig.from_meta(meta["prefilter"]))
+        try:
+            total = len(self.store)
+            for done, record in enumerate(self.store.records(), 1):
+                esm = ESM.from_arrays(record.arrays, record.info.get("esm"))
+                kept = {key: value for key, value in record.arrays.items() if not key.startswith("esm.")}
+                info = {key: value for key, value in record.info.items() if key not in ("id", "content_hash")}
+                converted.put(SourceRecord(record.name, {**kept, **esm.to_arrays(storage)}, info))
+                if progress:
+                    progress(done, total)
+            converted.prefilter()
+        except BaseException:
+            converted.close()
+            for child in path.iterdir():
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
+            if not existed:
+                path.rmdir()
+            raise
+        return converted
 
     def put(self, record):
         """Store a prepared record, once it is checked to fit the index (shapes, finite values, base model)."""

@@ -238,6 +238,47 @@ def test_sources_added_from_texts_are_stored_in_the_index_form(form, keys, tiny_
     assert record.info["esm"]["fit"]["heldout_r2"] > 0.99  # the model is its own fine-tuned copy
 
 
+@pytest.mark.parametrize("form", COMPACT_FORMS)
+def test_convert_restores_every_source_in_another_form(form, built_index, tasks, tmp_path):
+    """The copy keeps every source's statistics and facts, and the ranking as the form keeps it; the
+    index converted from is only read. Converting back to float32 gives the stored (rotated) maps."""
+    before = (built_index / "data.mdb").read_bytes()
+    cli("convert", built_index, tmp_path / form, "--storage", form, "--quiet")
+    assert (built_index / "data.mdb").read_bytes() == before
+    assert (tmp_path / form / "prefilter.npz").exists()
+    target = read_task(tasks["target"])
+    with ESMIndex.open(built_index, readonly=True) as index, ESMIndex.open(tmp_path / form, readonly=True) as copy:
+        assert {k: v for k, v in copy.info().items() if k not in ("path", "storage", "created", "disk_bytes")} == \
+            {k: v for k, v in index.info().items() if k not in ("path", "storage", "created", "disk_bytes")}
+        assert copy.info()["storage"] == form
+        for old, new in zip(index.store.records(), copy.store.records(), strict=True):
+            assert new.name == old.name and "content_hash" in old.info and "content_hash" not in new.info
+            assert {k: v for k, v in new.info.items() if k != "id"} == \
+                {k: v for k, v in old.info.items() if k not in ("id", "content_hash")}
+            stats = {k for k in old.arrays if k.startswith("stats.")}
+            assert stats and set(new.arrays) == stats | set(random_esm(32, 0).to_arrays(form))
+            for key in stats:
+                np.testing.assert_array_equal(new.arrays[key], old.arrays[key])
+        X = index.encoder.embed(target.texts)
+        exact, kept = (i.query_embeddings(X, target.labels, candidates=None) for i in (index, copy))
+    assert [r.source for r in kept] == [r.source for r in exact]
+    np.testing.assert_allclose([r.score for r in kept], [r.score for r in exact], atol=1e-3)
+    cli("convert", tmp_path / form, tmp_path / "back", "--storage", "float32", "--quiet")
+    with ESMIndex.open(tmp_path / form, readonly=True) as copy, ESMIndex.open(tmp_path / "back", readonly=True) as back:
+        for stored, restored in zip(copy.store.records(), back.store.records(), strict=True):
+            np.testing.assert_array_equal(restored.arrays["esm.weight"], ESM.from_arrays(stored.arrays).weight)
+
+
+def test_convert_refuses_an_existing_index_and_an_unknown_form(built_index, tmp_path):
+    cli("convert", built_index, tmp_path / "copy", "--storage", "triangular-int8", "--quiet")
+    before = (tmp_path / "copy" / "data.mdb").read_bytes()
+    error = cli("convert", built_index, tmp_path / "copy", "--storage", "float32", ok=False).stderr
+    assert "an index already exists here" in error
+    assert (tmp_path / "copy" / "data.mdb").read_bytes() == before
+    error = cli("convert", built_index, tmp_path / "other", "--storage", "int7", ok=False).stderr
+    assert "unknown ESM storage form 'int7'" in error and not (tmp_path / "other").exists()
+
+
 # -- hf-dataset-selector folders -----------------------------------------------------------------
 HF_CONFIG = {
     "base_model_name": "org/base-32", "task_id": "glue", "task_subset": "mnli", "text_column": "premise,hypothesis",

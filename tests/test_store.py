@@ -291,6 +291,20 @@ def bad_target():
     return rng.standard_normal((20, DIM)), np.arange(20) % 2
 
 
+def test_a_failed_conversion_leaves_no_index_behind(path, tmp_path):
+    """A corrupt record stops `convert` halfway: the half-made copy is removed (a folder that was there,
+    empty, stays, empty), and the index converted from is as it was."""
+    raw_write(path, "sources", b"s2", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    (tmp_path / "empty").mkdir()
+    with ESMIndex.open(path, readonly=True) as index:
+        before = snapshot(index.store)
+        for out in (tmp_path / "copy", tmp_path / "empty"):
+            with pytest.raises(ESMIndexError, match="source 's2': corrupt record"):
+                index.convert(out, "triangular-int8")
+        assert snapshot(index.store) == before
+    assert not (tmp_path / "copy").exists() and not any((tmp_path / "empty").iterdir())
+
+
 def test_verify_finds_and_repairs_a_broken_ids_table_without_losing_records(path):
     with ESMIndex.open(path) as index:
         sources = snapshot(index.store)["sources"]
