@@ -4,6 +4,7 @@ import re
 import shutil
 import threading
 import time
+import uuid
 from pathlib import Path
 
 from .build import BuildSettings, SourceSpec, content_hash, esm_record, prepare_source
@@ -12,7 +13,7 @@ from .errors import ESMIndexError
 from .esm import ESM, check_origin, check_storage, import_name
 from .prefilter import Prefilter, PrefilterConfig
 from .query import DEFAULT_CANDIDATES, rank
-from .store import SourceRecord, Store
+from .store import SourceRecord, Store, check_new_folder
 from .verify import check_record, verify
 
 NAME_PATTERN = re.compile(r"^[\w.:@+/-][\w .:@+/=-]{0,199}$")
@@ -246,34 +247,35 @@ class ESMIndex:
         esm.save(folder, {**{k: v for k, v in facts.items() if v is not None}, **esm.config})
 
     def convert(self, path, storage, progress=None):
-        """A new index at `path` holding every source of this one with its ESM re-stored in `storage`
-        (statistics and facts kept), and its prefilter; this index is only read. From a compact form the
-        new records hold its rounded (and, from a triangular one, rotated) map. A converted record has no
-        content hash, as its hash named the old form: a later `build` prepares it again. On any failure
-        the new index is removed. `progress(done, total)` follows the sources."""
+        """A new index at `path` (a missing or empty folder) holding every source of this one with its ESM
+        re-stored in `storage`, and its prefilter; this index is only read. From a triangular form the new
+        records hold its rounded, rotated map; the statistics kept describe the map as fitted. A converted
+        record has no content hash, as its hash named the old form: a later `build` prepares it again.
+        The copy is made in a temporary folder beside `path` and moved there once complete, so a failure
+        leaves nothing behind. `progress(done, total)` follows the sources. Returns the new index, open."""
         check_storage(storage)
-        path, meta = Path(path), self.meta
-        existed = path.exists()
-        converted = ESMIndex.create(path, meta["base_model"], meta["dim"], meta["pooling"], storage,
-                                    PrefilterConfig.from_meta(meta["prefilter"]))
+        path, meta = check_new_folder(path), self.meta
+        path.parent.mkdir(parents=True, exist_ok=True)
+        draft = path.parent / f".{path.name}.{uuid.uuid4().hex[:12]}.converting"
+        draft.mkdir()
         try:
-            total = len(self.store)
-            for done, record in enumerate(self.store.records(), 1):
-                esm = ESM.from_arrays(record.arrays, record.info.get("esm"))
-                kept = {key: value for key, value in record.arrays.items() if not key.startswith("esm.")}
-                info = {key: value for key, value in record.info.items() if key not in ("id", "content_hash")}
-                converted.put(SourceRecord(record.name, {**kept, **esm.to_arrays(storage)}, info))
-                if progress:
-                    progress(done, total)
-            converted.prefilter()
+            with ESMIndex.create(draft, meta["base_model"], meta["dim"], meta["pooling"], storage,
+                                 PrefilterConfig.from_meta(meta["prefilter"])) as converted, self.store.begin() as txn:
+                names = self.store.names(txn)
+                for done, record in enumerate(self.store.records(names, txn), 1):
+                    check_record(record, meta)  # a damaged source is refused by its name
+                    kept = {key: value for key, value in record.arrays.items() if not key.startswith("esm.")}
+                    info = {key: value for key, value in record.info.items() if key not in ("id", "content_hash")}
+                    arrays = {**kept, **ESM.from_arrays(record.arrays).to_arrays(storage)}
+                    converted.put(SourceRecord(record.name, arrays, info))
+                    if progress:
+                        progress(done, len(names))
+                converted.prefilter()
+            draft.rename(path)  # replaces `path` only if it is still a missing or empty folder
         except BaseException:
-            converted.close()
-            for child in path.iterdir():
-                shutil.rmtree(child) if child.is_dir() else child.unlink()
-            if not existed:
-                path.rmdir()
+            shutil.rmtree(draft, ignore_errors=True)
             raise
-        return converted
+        return ESMIndex.open(path)
 
     def put(self, record):
         """Store a prepared record, once it is checked to fit the index (shapes, finite values, base model)."""

@@ -70,6 +70,16 @@ class SourceRecord:
 _DTYPES = {"F64": "<f8", "F32": "<f4", "F16": "<f2", "I64": "<i8", "I32": "<i4", "U8": "u1"}
 
 
+def check_new_folder(path):
+    """`path`, if a new index may be made there: a missing or empty folder."""
+    path = Path(path)
+    if (path / "data.mdb").exists():
+        raise ESMIndexError(f"{path}: an index already exists here")
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise ESMIndexError(f"{path}: exists and is not an empty folder")
+    return path
+
+
 def _id_key(source_id):
     return struct.pack(">Q", source_id)
 
@@ -116,11 +126,7 @@ class Store:
     @classmethod
     def create(cls, path, meta, map_size=None):
         """A new, empty store with the given metadata (base model, dimension, settings)."""
-        path = Path(path)
-        if (path / "data.mdb").exists():
-            raise ESMIndexError(f"{path}: an index already exists here")
-        if path.exists() and (not path.is_dir() or any(path.iterdir())):
-            raise ESMIndexError(f"{path}: exists and is not an empty folder")
+        path = check_new_folder(path)
         path.mkdir(parents=True, exist_ok=True)
         store = cls.__new__(cls)
         store.path, store.readonly, store.threaded = path, False, False

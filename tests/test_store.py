@@ -291,18 +291,45 @@ def bad_target():
     return rng.standard_normal((20, DIM)), np.arange(20) % 2
 
 
-def test_a_failed_conversion_leaves_no_index_behind(path, tmp_path):
-    """A corrupt record stops `convert` halfway: the half-made copy is removed (a folder that was there,
-    empty, stays, empty), and the index converted from is as it was."""
-    raw_write(path, "sources", b"s2", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+def test_convert_between_compact_forms_keeps_maps_without_statistics(path, tmp_path):
+    """Sources with no texts (ESMs alone) convert too, from one compact form to another, with the copy's
+    progress reported source by source."""
+    calls = []
+    with ESMIndex.open(path, readonly=True) as index:
+        index.convert(tmp_path / "int10", "triangular-int10").close()
+    with ESMIndex.open(tmp_path / "int10", readonly=True) as index:
+        with index.convert(tmp_path / "int8", "triangular-int8", lambda *done: calls.append(done)) as copy:
+            assert copy.info()["storage"] == "triangular-int8" and copy.verify().ok
+            records = {r.name: r for r in copy.store.records()}
+            exact, kept = (i.query_embeddings(*bad_target(), candidates=None) for i in (index, copy))
+        assert calls == [(i, 5) for i in range(1, 6)]
+    assert sorted(records) == [f"s{seed}" for seed in range(5)]
+    assert all(set(r.arrays) == {"esm.r_rice", "esm.r_rice_k", "esm.r_step"} for r in records.values())
+    assert [r.source for r in kept] == [r.source for r in exact]
+    np.testing.assert_allclose([r.score for r in kept], [r.score for r in exact], atol=1e-2)
+
+
+@pytest.mark.parametrize("damage", ["corrupt record", "missing array", "damaged stream"])
+def test_a_failed_conversion_leaves_no_index_behind(damage, path, tmp_path):
+    """A damaged source stops `convert` halfway, naming the source; the half-made copy is removed (a
+    folder that was there, empty, stays, empty), and the index converted from is as it was."""
+    if damage == "corrupt record":
+        raw_write(path, "sources", b"s2", b"\x10\x00\x00\x00\x00\x00\x00\x00{not json")
+    elif damage == "missing array":
+        raw_write(path, "sources", b"s2", SourceRecord("s2", {"esm.weight": esm(2).weight}).encode())
+    else:
+        arrays = esm(2).to_arrays("triangular-int10")
+        arrays["esm.r_rice_k"][1] += 1
+        raw_write(path, "sources", b"s2", SourceRecord("s2", arrays).encode())
     (tmp_path / "empty").mkdir()
     with ESMIndex.open(path, readonly=True) as index:
         before = snapshot(index.store)
         for out in (tmp_path / "copy", tmp_path / "empty"):
-            with pytest.raises(ESMIndexError, match="source 's2': corrupt record"):
+            with pytest.raises(ESMIndexError, match="^source 's2': ") as error:
                 index.convert(out, "triangular-int8")
+            assert "\n" not in str(error.value)
         assert snapshot(index.store) == before
-    assert not (tmp_path / "copy").exists() and not any((tmp_path / "empty").iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["empty", "index"] and not any((tmp_path / "empty").iterdir())
 
 
 def test_verify_finds_and_repairs_a_broken_ids_table_without_losing_records(path):
