@@ -162,7 +162,7 @@ def evidence_gradient(X, Y, values, vectors):
     s2 = s**2
     keep = _kept(s2, n, d)
     width = max(d, int(keep.sum()))  # features of F: M0 has rank d + 1, the maps d
-    zeros = _zeros(s2, keep, n, width)  # rounding-level eigenvalues: log(alpha) each in the log-determinant
+    zeros = _zeros(keep, n, width)  # rounding-level eigenvalues: log(alpha) each in the log-determinant
     U, s2 = U[:, keep], s2[keep]
     Uy = U.T @ Y  # (k, C): F's left singular vectors against each label column
     x2 = (Uy**2).T

@@ -5,7 +5,7 @@ import pytest
 from conftest import load_tool
 
 from esm_index.errors import ESMIndexError
-from esm_index.logme import TargetStats, encode_labels, logme_from_stats, logme_score
+from esm_index.logme import TargetStats, _eigen_evidence, encode_labels, logme_from_stats, logme_score
 
 RTOL = 1e-8
 reference_logme = load_tool("bench_logme").reference_logme
@@ -110,6 +110,23 @@ def test_score_is_continuous_as_a_singular_value_of_the_map_vanishes():
         check_all_paths(X, y, Wt[None, :, :-1], Wt[None, :, -1])
         scores.append(logme_from_stats(Wt[None, :, :-1], Wt[None, :, -1], TargetStats.from_embeddings(X, y))[0])
     assert np.ptp(scores) < 1e-6
+
+
+def test_a_cut_eigenvalue_counts_the_same_however_small():
+    """Below the rank cut-off an eigenvalue of G is rounding, and its size is the decomposition's accident:
+    thuml computes such values near eps * |G| and keeps them, the paths here can return them far smaller
+    (down to 1e-21 for real 384-d maps fitted on 250 examples). Each must add log(alpha) all the same; a
+    cut at 1e-20 on them moved such scores by ~0.005 away from thuml's."""
+    rng = np.random.default_rng(5)
+    n, d = 60, 6
+    s2 = np.r_[np.geomspace(1.0, 50.0, d - 1), 0.0]
+    z = rng.standard_normal((d, 2))
+    z[-1] = 0.0
+    scores = []
+    for rounding in (1e-13, 1e-19, 1e-21, 0.0, -1e-21):
+        s2[-1] = rounding
+        scores.append(_eigen_evidence(s2, z, np.full(2, 30.0), n, d))
+    assert np.ptp(scores) < 1e-12
 
 
 @pytest.mark.parametrize("n", [5, 18, 19, 20, 21, 22])
