@@ -323,7 +323,7 @@ def verify(
 @command()
 def convert(
     index: Path = INDEX,
-    out_index: Path = typer.Argument(..., metavar="OUT", help="New index folder."),
+    new_index: Path = typer.Argument(..., help="New index folder (missing or empty)."),
     storage: str = typer.Option(..., help="Storage form of the new index (see `init --storage`)."),
     quiet: bool = QUIET,
 ):
@@ -332,9 +332,9 @@ def convert(
     tools/bench_compression.py INDEX."""
     with open_index(index, readonly=True) as opened, progress_bar(quiet) as bar:
         task = bar.add_task("converting", total=len(opened))
-        with opened.convert(out_index, storage, lambda done, total: bar.update(task, completed=done)) as converted:
+        with opened.convert(new_index, storage, lambda done, total: bar.update(task, completed=done)) as converted:
             info = converted.info()
-    err.print(f"converted {info['sources']} sources to {out_index} (storage {info['storage']}, "
+    err.print(f"converted {info['sources']} sources to {new_index} (storage {info['storage']}, "
               f"{info['disk_bytes'] / 1e6:.1f} MB)")
 
 
