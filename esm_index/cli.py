@@ -85,9 +85,7 @@ def init(
     pooling: Optional[str] = typer.Option(None, help="mean | pooler | cls (default: by model kind)."),
     storage: str = typer.Option("float32", help="How records keep each ESM: float32 | triangular-float16 (R of "
                                                 "[W, b] = QR in float16: a quarter of the bytes) | triangular-int10 "
-                                                "(R in 10-bit steps, Rice-coded: an eighth); same ranking | "
-                                                "triangular-int8 (8-bit steps: about a tenth; scores move by up "
-                                                "to 1.3e-3, so near-ties may swap)."),
+                                                "(R in 10-bit steps, Rice-coded: an eighth); same ranking."),
 ):
     """Create an empty index for one base model."""
     from .index import ESMIndex
