@@ -255,10 +255,10 @@ accepted on measured ranking fidelity on real ESMs (tools/bench_compression.py; 
 storage" and "Four pools"): on every pool measured, each keeps rho >= 0.99 and every target's top 5.
 Rounding moves scores of 600-example targets by up to 2e-5 (float16) and 2e-4 to 4e-4 (10-bit steps),
 so sources that tie closer than that (far below LogME's own sampling noise, 2.6e-3 and more) can swap
-under other rounding errors. Smaller forms were measured and not offered: 8-bit steps (8.4% at d = 768) lose a top 5 on a
-768-d pool of 38 sources, 9-bit steps keep it only where their rounding happens to favour a near-tie,
-log residuals do no better than 8-bit steps at their size, and a diagonal-plus-low-rank W reorders
-sources outright."""
+under other rounding errors. Smaller forms were measured and not offered: 8-bit steps (8.4% at d = 768)
+lose a top 5 on a 768-d pool of 38 sources, 9-bit steps keep it only where their rounding happens to
+favour a near-tie, log residuals do no better than 8-bit steps at their size, and a diagonal-plus-low-rank
+W reorders sources outright."""
 INTEGER_BITS = 10  # of triangular-int10
 
 

@@ -231,8 +231,8 @@ def test_convert_stores_every_source_again_in_another_form(form, built_index, ta
     assert (tmp_path / form / "prefilter.npz").exists()
     target = read_task(tasks["target"])
     with ESMIndex.open(built_index, readonly=True) as index, ESMIndex.open(tmp_path / form, readonly=True) as copy:
-        kept = ("base_model", "dim", "pooling", "sources", "prefilter")
-        assert {k: copy.info()[k] for k in kept} == {k: index.info()[k] for k in kept}
+        shared = ("base_model", "dim", "pooling", "sources", "prefilter")
+        assert {k: copy.info()[k] for k in shared} == {k: index.info()[k] for k in shared}
         assert copy.info()["storage"] == form
         for old, new in zip(index.store.records(), copy.store.records(), strict=True):
             assert new.name == old.name and "content_hash" in old.info and "content_hash" not in new.info
