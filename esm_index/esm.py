@@ -104,7 +104,7 @@ class ESM:
         R = np.linalg.qr(np.hstack([self.weight, self.bias[:, None]]).astype(np.float64), mode="r")
         if form == "triangular-float16":
             return {"esm.r": R[_trapezoid(self.dim)].astype(np.float16)}
-        return rice_arrays(*quantise_rows(R, INTEGER_BITS))
+        return rice_arrays(*quantise_rows(R, INTEGER_BITS[form]))
 
     @classmethod
     def from_arrays(cls, arrays, config=None):
@@ -245,29 +245,34 @@ def _fit_adamw(X, Y, config):
 
 
 # -- storage forms -------------------------------------------------------------------------------
-STORAGE_FORMS = ("float32", "triangular-float16", "triangular-int10")
+STORAGE_FORMS = ("float32", "triangular-float16", "triangular-int10", "triangular-int9")
 """How a record keeps W~ = [W, b]: exactly, in float32 (hf-dataset-selector's 2.36 MB at d = 768), or by
 the triangular factor R of W~ = Q R (QR decomposition). R x~ = Q^T f(x) is the map rotated, and LogME sees
 features only up to rotation (it depends on the ESM only through W~^T W~ = R^T R), so every target scores
 R as it scores f, up to R's rounding; exporting it gives the rotated map. R is kept in float16 (a quarter
-of float32), or as 10-bit integer steps of each row's largest entry, Rice-coded (about 12%). Both were
-accepted on measured ranking fidelity on real ESMs (tools/bench_compression.py; BENCHMARKS.md, "Compact
-storage" and "Four pools"): on every pool measured, each keeps rho >= 0.99 and every target's top 5.
-Rounding moves scores of 600-example targets by up to 2e-5 (float16) and 2e-4 to 4e-4 (10-bit steps),
-so sources that tie closer than that (far below LogME's own sampling noise, 2.6e-3 and more) can swap
-under other rounding errors. Smaller forms were measured and not offered: 8-bit steps (8.4% at d = 768)
-lose a top 5 on a 768-d pool of 38 sources, 9-bit steps keep it only where their rounding happens to
-favour a near-tie, log residuals do no better than 8-bit steps at their size, and a diagonal-plus-low-rank
-W reorders sources outright."""
-INTEGER_BITS = 10  # of triangular-int10
+of float32), or as integer steps of each row's largest entry, Rice-coded: 10-bit steps (about 12%) or
+9-bit steps (about 10%: 9.9% at d = 768). Each was accepted on measured ranking fidelity on real ESMs
+(tools/bench_compression.py; BENCHMARKS.md, "Compact storage" and "Four pools"): on every pool measured,
+each keeps rho >= 0.99 and every target's top 5. Rounding moves scores of 600-example targets by up to
+2e-5 (float16), 2e-4 to 4e-4 (10-bit steps) and 3e-4 to 9e-4 (9-bit steps), so sources that tie closer
+than that can swap under other rounding errors; the swaps measured cost at most 2e-4 in float32 scores,
+far below LogME's own sampling noise (2.6e-3 and more). Smaller forms were measured and not offered:
+8-bit steps (8.4% at d = 768) lose a top 5 on a 768-d pool of 38 sources, log residuals do no better than
+8-bit steps at their size, and a diagonal-plus-low-rank W reorders sources outright."""
+INTEGER_BITS = {"triangular-int10": 10, "triangular-int9": 9}
+
+
+def integer_scale(bits):
+    """The largest code of `bits`-bit steps: the code of each row's largest entry."""
+    return 2 ** (bits - 1) - 1
 
 
 def quantise_rows(R, bits, offset=0.0):
-    """Each row of R in integer steps of its largest entry / (2^(bits - 1) - 1): (codes, float32 steps),
+    """Each row of R in integer steps of its largest entry / integer_scale(bits): (codes, float32 steps),
     R about (codes - offset) * steps. Rows below float32's range get step 1 and codes 0, so every row's
-    largest code is 0 or 2^(bits - 1) - 1, which `_decode_rice` checks. `offset` (subtractive dither)
-    lets a measurement draw fresh rounding errors."""
-    top = 2 ** (bits - 1) - 1
+    largest code is 0 or the scale, which `_decode_rice` checks. `offset` (subtractive dither) lets a
+    measurement draw fresh rounding errors."""
+    top = integer_scale(bits)
     steps = (np.abs(R).max(1) / top).astype(np.float32)
     steps[steps < np.finfo(np.float32).tiny] = 1
     codes = np.clip(np.round(R / steps[:, None] + offset), -top, top)  # dither can push the largest out
@@ -275,7 +280,7 @@ def quantise_rows(R, bits, offset=0.0):
 
 
 def rice_arrays(codes, steps):
-    """The record arrays of triangular-int10 for the integer codes of R and their rows' steps: the codes of
+    """The record arrays of an integer form for the integer codes of R and their rows' steps: the codes of
     R's upper trapezoid Rice-coded, each row's Rice parameter, each row's step."""
     dim = len(steps)
     stream, parameters = rice.encode(codes[_trapezoid(dim)], _trapezoid(dim).sum(1))
@@ -283,10 +288,10 @@ def rice_arrays(codes, steps):
 
 
 def _decode_rice(arrays):
-    """R of a triangular-int10 record, in float32. The Rice stream holds no checksum, but `quantise_rows`
-    gives every row a largest code of 0 or 511. Damage to the unary parts or the parameters shifts every
-    later entry and breaks this, so it is refused; a flipped low bit changes one entry, by under 2^k steps
-    (k its row's Rice parameter), and is not seen."""
+    """R of an integer-form record, in float32. The Rice stream holds no checksum, but `quantise_rows`
+    gives every row a largest code of 0 or its form's scale (511 or 255), one scale for all rows. Damage
+    to the unary parts or the parameters shifts every later entry and breaks this, so it is refused; a
+    flipped low bit changes one entry, by under 2^k steps (k its row's Rice parameter), and is not seen."""
     steps, parameters = arrays["esm.r_step"], arrays["esm.r_rice_k"]
     if steps.ndim != 1 or not len(steps) or parameters.shape != steps.shape:
         raise ESMIndexError(f"Rice-coded R with row steps of shape {steps.shape} and parameters of shape "
@@ -295,8 +300,9 @@ def _decode_rice(arrays):
     lengths = mask.sum(1)
     codes = rice.decode(arrays["esm.r_rice"], parameters, lengths)
     largest = np.maximum.reduceat(np.abs(codes), np.cumsum(lengths) - lengths)
-    if not np.isin(largest, (0, 2 ** (INTEGER_BITS - 1) - 1)).all():
-        raise ESMIndexError("Rice-coded R is damaged: a row's largest code is not its row's scale")
+    scales = set(np.unique(largest).tolist()) - {0}
+    if len(scales) > 1 or not scales <= {integer_scale(bits) for bits in INTEGER_BITS.values()}:
+        raise ESMIndexError("Rice-coded R is damaged: its rows' largest codes are not one form's scale")
     R = np.zeros(mask.shape, np.float32)
     R[mask] = codes
     return R * steps[:, None]

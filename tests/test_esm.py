@@ -10,11 +10,12 @@ from typer.testing import CliRunner
 from esm_index import ESMIndex, ESMIndexError
 from esm_index.cli import app
 from esm_index.data import read_task
-from esm_index.esm import ESM, ESMFitConfig, check_storage
+from esm_index.esm import ESM, ESMFitConfig, check_storage, quantise_rows, rice_arrays
 from esm_index.logme import TargetStats, logme_from_stats
 
 runner = CliRunner()
-COMPACT_FORMS = ["triangular-float16", "triangular-int10"]
+COMPACT_FORMS = ["triangular-float16", "triangular-int10", "triangular-int9"]
+INTEGER_FORMS = {"triangular-int10": 511, "triangular-int9": 255}  # each form's largest code
 
 
 def cli(*args, ok=True):
@@ -111,7 +112,8 @@ def test_float32_round_trip_is_exact():
 
 
 @pytest.mark.parametrize("form, share, tolerance",
-                         [("triangular-float16", 0.27, 1e-4), ("triangular-int10", 0.18, 1e-3)])
+                         [("triangular-float16", 0.27, 1e-4), ("triangular-int10", 0.18, 1e-3),
+                          ("triangular-int9", 0.17, 1e-3)])
 def test_triangular_forms_keep_esm_logme_in_a_fraction_of_the_bytes(form, share, tolerance):
     """R of [W, b] = Q R is the map rotated by Q^T: the same W~^T W~, so the same ESM-LogME for any target."""
     esm = random_esm(48, 2)
@@ -131,41 +133,46 @@ def test_triangular_forms_keep_esm_logme_in_a_fraction_of_the_bytes(form, share,
         assert kept == pytest.approx(exact, abs=tolerance)
 
 
-def test_integer_form_keeps_each_row_to_half_a_step():
-    """10-bit steps of each row's largest entry: every entry of R within half a step."""
+@pytest.mark.parametrize("form, top", INTEGER_FORMS.items())
+def test_integer_forms_keep_each_row_to_half_a_step(form, top):
+    """Integer steps of each row's largest entry: every entry of R within half a step."""
     esm = random_esm(40, 3)
     R = np.linalg.qr(np.hstack([esm.weight, esm.bias[:, None]]).astype(np.float64), mode="r")
-    arrays = esm.to_arrays("triangular-int10")
+    arrays = esm.to_arrays(form)
     stored = ESM.from_arrays(arrays)
     error = np.abs(np.hstack([stored.weight, stored.bias[:, None]]) - R)
     assert np.all(error <= 0.5001 * arrays["esm.r_step"][:, None])
-    np.testing.assert_allclose(arrays["esm.r_step"], np.abs(R).max(1) / 511, rtol=1e-6)
+    np.testing.assert_allclose(arrays["esm.r_step"], np.abs(R).max(1) / top, rtol=1e-6)
     assert arrays["esm.r_rice"].dtype == np.uint8 and arrays["esm.r_rice_k"].shape == (40,)
 
 
-def test_integer_form_keeps_zero_rows_and_a_fixed_format():
+@pytest.mark.parametrize("form, golden, decoded", [
+    ("triangular-int10", {"esm.r_rice": "e25fb37fbff5a0", "esm.r_rice_k": "0809", "esm.r_step": "6f638f3b68be483b"},
+     [[-2.236068, 0.2231692, -0.5601110], [0, 1.5652477, -0.5574855]]),
+    ("triangular-int9", {"esm.r_rice": "e25f2dfdfeb4", "esm.r_rice_k": "0708", "esm.r_step": "68ab0f3c2c23c93b"},
+     [[-2.236068, 0.2279912, -0.5612092], [0, 1.5652477, -0.5585786]])])
+def test_integer_forms_keep_zero_rows_and_a_fixed_format(form, golden, decoded):
     """A map of one nonzero row: every row of R but the first is exactly zero, kept with step 1 and no
     error. The bytes of a 2-d record are pinned: indexes on disk must decode the same tomorrow."""
     weight = np.zeros((6, 6))
     weight[0] = np.arange(1.0, 7.0)
     esm = ESM(weight, np.eye(6)[0])
-    arrays = esm.to_arrays("triangular-int10")
+    arrays = esm.to_arrays(form)
     assert (arrays["esm.r_step"][1:] == 1).all()
     stored = ESM.from_arrays(arrays)
     assert np.abs(stored.weight[1:]).max() == 0 and np.abs(stored.bias[1:]).max() == 0
     esm = ESM(np.array([[2.0, 0.5], [-1.0, 1.5]]), np.array([0.25, -0.75]))
-    golden = {"esm.r_rice": "e25fb37fbff5a0", "esm.r_rice_k": "0809", "esm.r_step": "6f638f3b68be483b"}
-    assert {key: array.tobytes().hex() for key, array in esm.to_arrays("triangular-int10").items()} == golden
+    assert {key: array.tobytes().hex() for key, array in esm.to_arrays(form).items()} == golden
     stored = ESM.from_arrays({key: np.frombuffer(bytes.fromhex(value), np.float32 if key == "esm.r_step" else np.uint8)
                               for key, value in golden.items()})
-    np.testing.assert_allclose(np.hstack([stored.weight, stored.bias[:, None]]),
-                               [[-2.236068, 0.2231692, -0.5601110], [0, 1.5652477, -0.5574855]], rtol=1e-6)
+    np.testing.assert_allclose(np.hstack([stored.weight, stored.bias[:, None]]), decoded, rtol=1e-6)
 
 
-def test_a_damaged_integer_record_is_refused():
+@pytest.mark.parametrize("form", INTEGER_FORMS)
+def test_a_damaged_integer_record_is_refused(form):
     """The Rice stream has no checksum; a flipped bit in its unary part, or a changed parameter, shifts every
     later entry, and the rows then no longer reach their scale."""
-    arrays = random_esm(16, 4).to_arrays("triangular-int10")
+    arrays = random_esm(16, 4).to_arrays(form)
     with pytest.raises(ESMIndexError, match="too short"):
         ESM.from_arrays({**arrays, "esm.r_rice": arrays["esm.r_rice"][:-40]})
     with pytest.raises(ESMIndexError, match=r"row steps of shape \(15,\) and parameters of shape \(16,\)"):
@@ -181,7 +188,17 @@ def test_a_damaged_integer_record_is_refused():
         ESM.from_arrays({**arrays, "esm.r_rice_k": lowered})
 
 
-@pytest.mark.parametrize("form", ["float16", "lowrank:8", "triangular", None])
+def test_an_integer_record_mixing_the_forms_scales_is_refused():
+    """Each scale alone is a valid row, but one record is written in one form: rows of both are damage."""
+    esm = random_esm(16, 5)
+    R = np.linalg.qr(np.hstack([esm.weight, esm.bias[:, None]]), mode="r")
+    (codes, steps), (codes9, steps9) = quantise_rows(R, 10), quantise_rows(R, 9)
+    codes[3], steps[3] = codes9[3], steps9[3]
+    with pytest.raises(ESMIndexError, match="damaged"):
+        ESM.from_arrays(rice_arrays(codes, steps))
+
+
+@pytest.mark.parametrize("form", ["float16", "lowrank:8", "triangular", "triangular-int8", None])
 def test_bad_storage_forms_are_refused(form, tiny_model, tmp_path):
     with pytest.raises(ESMIndexError, match="unknown ESM storage form"):
         check_storage(form)
@@ -209,7 +226,8 @@ def test_triangular_forms_keep_the_ranking_of_the_built_index(form, built_index,
 
 
 @pytest.mark.parametrize("form, keys", [("triangular-float16", {"esm.r"}),
-                                         ("triangular-int10", {"esm.r_rice", "esm.r_rice_k", "esm.r_step"})])
+                                         ("triangular-int10", {"esm.r_rice", "esm.r_rice_k", "esm.r_step"}),
+                                         ("triangular-int9", {"esm.r_rice", "esm.r_rice_k", "esm.r_step"})])
 def test_sources_added_from_texts_are_stored_in_the_index_form(form, keys, tiny_model, tasks, tmp_path):
     with ESMIndex.create(tmp_path / "tri", base_model=str(tiny_model), storage=form) as index:
         index.add_source("af", tasks["animals-food"], finetuned=str(tiny_model))

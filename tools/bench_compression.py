@@ -11,7 +11,7 @@ target keeps rho >= 0.99 and the same top-5 set.
 Forms: the index's STORAGE_FORMS, and candidates measured and rejected, kept here to show why:
 - float16: W and b rounded to float16;
 - triangular intN + Rice: R of [W, b] = Q R in N-bit integer steps of each row's largest entry, Rice-coded
-  (triangular-int10 with N bits): how many bits reliable fidelity takes;
+  (the index's integer forms with N bits): how many bits fidelity takes;
 - log residual, step s: log M (M = W~^T W~ / |M|_F) minus an index-wide reference log map, in the
   reference's eigenbasis, rounded to steps of s (int8, escapes for the few larger entries; the diagonal in
   float32) and lzma-compressed; the reference is the mean log map of the other sources, as for a source
@@ -20,7 +20,10 @@ Forms: the index's STORAGE_FORMS, and candidates measured and rejected, kept her
 A rounding form can pass on its one set of rounding errors by luck when two sources nearly tie, so each
 is also encoded --realisations times with seeded subtractive dither (a uniform offset in (-1/2, 1/2) of a
 step added before rounding and taken off after: errors of the same kind and size, drawn afresh); the
-column "accepted, dithered" counts the realisations that pass. A form to rely on passes them all.
+column "accepted, dithered" counts the realisations that pass, and "top-5 loss, dithered" says what the
+swaps they make cost. A storage form is offered when its own rounding is accepted on every pool measured and
+its dithered top-5 loss stays below a tenth of LogME's own sampling spread of the closest target's gap
+(--bootstrap): the sources it swaps are ones the target's own examples cannot tell apart.
 For scale, the first lines give the gap between each target's 5th and 6th source and how much that gap
 moves when the target's own examples are resampled (bootstrap): LogME's sampling noise.
 Bytes per source are measured on the pool's maps (the compressed forms depend on the map), and given as a
@@ -109,7 +112,7 @@ def integer_rounded(R, bits, rng=None):
 
 
 def triangular_integer(bits):
-    """R in `bits`-bit steps per row, Rice-coded, as triangular-int10 keeps it with 10."""
+    """R in `bits`-bit steps per row, Rice-coded, as the integer storage forms keep it (10 or 9 bits)."""
     def encode(esms, rng=None):
         decoded, sizes = [], []
         for e in esms:
