@@ -26,11 +26,11 @@ its dithered top-5 loss stays below a tenth of LogME's own sampling spread of th
 (--bootstrap): the sources it swaps are ones the target's own examples cannot tell apart.
 For scale, the first lines give the gap between each target's 5th and 6th source and how much that gap
 moves when the target's own examples are resampled (bootstrap): LogME's sampling noise.
-Bytes per source are measured on the pool's maps (the compressed forms depend on the map), and given as a
-share of float32 at the same d. The uncompressed forms but the low-rank one keep a fixed share of the
-d (d + 1) entries plus O(d) bytes, so their share is the one at d = 768, where float32 is
-hf-dataset-selector's 2,362,368 bytes (the low-rank form's share halves there); for the coded forms (Rice,
-lzma) it is an estimate (bits per entry measured at the pool's d).
+Bytes per source are measured on the pool's maps (the coded forms depend on the map: their mean, and the
+largest source's), and given as a share of float32 at the same d. The uncompressed forms but the low-rank
+one keep a fixed share of the d (d + 1) entries plus O(d) bytes, so their share is the one at d = 768,
+where float32 is hf-dataset-selector's 2,362,368 bytes (the low-rank form's share halves there); for the
+coded forms (Rice, lzma) it is an estimate (bits per entry measured at the pool's d).
 
     python tools/bench_compression.py indexes/default [--bits 8 9 10 11] [--steps 0.005 0.01] [--ranks 16 64 128]
         [--realisations 10]
@@ -241,9 +241,9 @@ def main():
         print(f"the same gap's spread over {args.bootstrap} bootstrap resamples of each target's examples "
               f"(LogME's own sampling noise): std {np.median([std for _, std in noise.values()]):.5f} (median), "
               f"{noise[closest][1]:.5f} where the gap is smallest")
-    print(f"| form | bytes/source (d={d}) | % of float32 | rho min | rho mean | same top-5 set | same top-5 order "
-          f"| max score change | top-5 loss | accepted | accepted, dithered (of {args.realisations}) "
-          "| top-5 loss, dithered |\n|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print(f"| form | bytes/source (d={d}) | % of float32 | largest source | rho min | rho mean | same top-5 set "
+          f"| same top-5 order | max score change | top-5 loss | accepted "
+          f"| accepted, dithered (of {args.realisations}) | top-5 loss, dithered |\n" + "|---" * 13 + "|")
     forms = {form: stored(form) for form in STORAGE_FORMS}
     forms["float16"] = half_precision
     rounding = {f"triangular int{bits} + Rice": triangular_integer(bits) for bits in args.bits}
@@ -259,7 +259,8 @@ def main():
                     for seed in range(args.realisations)]
             dithered = f"{sum(run[-1] for run in runs)}/{args.realisations}"
             dithered_loss = f"{max(run[-2] for run in runs):.5f}"
-        print(f"| {name} | {np.mean(sizes):,.0f} | {100 * np.mean(sizes) / float32_bytes:.1f}% | {min(rhos):.4f} "
+        print(f"| {name} | {np.mean(sizes):,.0f} | {100 * np.mean(sizes) / float32_bytes:.2f}% "
+              f"| {100 * max(sizes) / float32_bytes:.2f}% | {min(rhos):.4f} "
               f"| {np.mean(rhos):.4f} | {same_set}/{len(stats)} | {same_order}/{len(stats)} | {change:.5f} "
               f"| {loss:.5f} | {'yes' if accepted else 'no'} | {dithered} | {dithered_loss} |", flush=True)
 
