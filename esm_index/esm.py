@@ -281,24 +281,29 @@ def quantise_rows(R, bits, offset=0.0):
 
 def rice_arrays(codes, steps):
     """The record arrays of an integer form for the integer codes of R and their rows' steps: the codes of
-    R's upper trapezoid Rice-coded, each row's Rice parameter, each row's step."""
-    dim = len(steps)
-    stream, parameters = rice.encode(codes[_trapezoid(dim)], _trapezoid(dim).sum(1))
-    return {"esm.r_rice": stream, "esm.r_rice_k": parameters, "esm.r_step": steps}
+    R's upper trapezoid Rice-coded, each row's Rice parameter, each column's offset to it (a column is an
+    input dimension, which the map may weigh more or less in every row), each row's step."""
+    mask = _trapezoid(len(steps))
+    stream, parameters, offsets = rice.encode(codes[mask], mask.sum(1), _trapezoid_columns(len(steps)))
+    return {"esm.r_rice": stream, "esm.r_rice_k": parameters, "esm.r_rice_c": offsets, "esm.r_step": steps}
 
 
 def _decode_rice(arrays):
     """R of an integer-form record, in float32. The Rice stream holds no checksum, but `quantise_rows`
     gives every row a largest code of 0 or its form's scale (511 or 255), one scale for all rows. Damage
-    to the unary parts or the parameters shifts every later entry and breaks this, so it is refused; a
-    flipped low bit changes one entry, by under 2^k steps (k its row's Rice parameter), and is not seen."""
+    to the unary parts, the parameters or the offsets shifts every later entry and breaks this, so it is
+    refused; a flipped low bit changes one entry, by under 2^k steps (k its Rice parameter), and is not
+    seen. Records written before the columns' offsets existed have none: every offset 0."""
     steps, parameters = arrays["esm.r_step"], arrays["esm.r_rice_k"]
+    offsets = arrays.get("esm.r_rice_c")
     if steps.ndim != 1 or not len(steps) or parameters.shape != steps.shape:
         raise ESMIndexError(f"Rice-coded R with row steps of shape {steps.shape} and parameters of shape "
                             f"{parameters.shape}")
+    if offsets is not None and offsets.shape != (len(steps) + 1,):
+        raise ESMIndexError(f"Rice-coded R with {len(steps)} rows and column offsets of shape {offsets.shape}")
     mask = _trapezoid(len(steps))
     lengths = mask.sum(1)
-    codes = rice.decode(arrays["esm.r_rice"], parameters, lengths)
+    codes = rice.decode(arrays["esm.r_rice"], parameters, lengths, _trapezoid_columns(len(steps)), offsets)
     largest = np.maximum.reduceat(np.abs(codes), np.cumsum(lengths) - lengths)
     scales = set(np.unique(largest).tolist()) - {0}
     if len(scales) > 1 or not scales <= {integer_scale(bits) for bits in INTEGER_BITS.values()}:
@@ -321,6 +326,14 @@ def _trapezoid(dim):
     mask = np.triu(np.ones((dim, dim + 1), bool))
     mask.flags.writeable = False
     return mask
+
+
+@lru_cache(maxsize=8)
+def _trapezoid_columns(dim):
+    """The column of each entry of the upper trapezoid, in its order."""
+    columns = np.nonzero(_trapezoid(dim))[1]
+    columns.flags.writeable = False
+    return columns
 
 
 # -- hf-dataset-selector interop -----------------------------------------------------------------

@@ -5,6 +5,9 @@ low k bits) comes within 0.03-0.07 bits per entry of the entropy of such data at
 (k = 2 to 9; 0.1 or more below); lzma, a byte-oriented coder, spends 1.3 bits more per entry on 10-bit
 codes (BENCHMARKS.md, "Compact storage").
 The entries come in groups (an ESM's rows), each with its own parameter k, chosen to minimise its length.
+Entries may also belong to classes (an ESM's columns: an input dimension the map weighs more needs larger
+entries in every row), each with an offset added to the k of its entries, chosen with the groups'
+parameters by alternating exact minimisation, each step never lengthening the stream.
 The stream keeps all unary parts first, then the low bits, those of the entries with the smallest k first,
 so that both decode in whole-array steps: the unary parts end at their n-th zero bit, and the low bits of
 the entries that share a k form one (entries, k) bit matrix.
@@ -14,12 +17,15 @@ import numpy as np
 
 from .errors import ESMIndexError
 
-MAX_PARAMETER = 24  # k per group: values in [-2^24, 2^24) take at most a few unary bits
+MAX_PARAMETER = 24  # k per entry: values in [-2^24, 2^24) take at most a few unary bits
+MAX_OFFSET = 8  # a class's offset to its entries' k
+ROUNDS = 2  # of choosing the classes' offsets, then the groups' parameters again
 
 
-def encode(values, lengths):
-    """(stream, parameters): `values` (integers, consecutive groups of `lengths` entries) as one uint8
-    stream, and each group's parameter k as uint8."""
+def encode(values, lengths, classes=None):
+    """(stream, parameters, offsets): `values` (integers, consecutive groups of `lengths` entries) as one
+    uint8 stream, each group's parameter k as uint8, and, given each entry's class (integers from 0), each
+    class's offset to k as int8 (None without classes)."""
     if np.asarray(values).dtype.kind not in "iub":
         raise ESMIndexError(f"Rice code: values of dtype {np.asarray(values).dtype}, not integers")
     values, lengths = np.asarray(values, np.int64), np.asarray(lengths, np.int64)
@@ -31,33 +37,75 @@ def encode(values, lengths):
     if u.max(initial=0) >= 2 ** (MAX_PARAMETER + 1):
         raise ESMIndexError(f"Rice code: a value of magnitude {np.abs(values).max()} is out of range")
     starts = np.cumsum(lengths) - lengths
-    shifts = np.arange(MAX_PARAMETER + 1)
-    sizes = np.stack([np.add.reduceat(u >> k, starts) for k in shifts], 1) + lengths[:, None] * (shifts + 1)
-    parameters = sizes.argmin(1)
-    k = np.repeat(parameters, lengths)
+    shift = np.zeros(len(u), np.int64)  # each entry's class offset
+    parameters = _best_parameters(u, starts, shift)
+    offsets = None
+    if classes is not None:
+        classes = np.asarray(classes, np.int64)
+        offsets = np.zeros(classes.max(initial=-1) + 1, np.int64)
+        for _ in range(ROUNDS):
+            offsets = _best_offsets(u, np.repeat(parameters, lengths), classes, len(offsets))
+            shift = offsets[classes]
+            parameters = _best_parameters(u, starts, shift)
+        offsets = offsets.astype(np.int8)
+    k = _entry_parameters(parameters, lengths, shift)
     high = u >> k
     unary = np.ones(high.sum() + len(u), np.uint8)
     unary[np.cumsum(high + 1) - 1] = 0
-    low = [(u[k == width, None] >> np.arange(width) & 1).ravel() for width in np.unique(parameters)]
-    return np.packbits(np.concatenate([unary, *low]).astype(np.uint8)), parameters.astype(np.uint8)
+    low = [(u[k == width, None] >> np.arange(width) & 1).ravel() for width in np.unique(k)]
+    return np.packbits(np.concatenate([unary, *low]).astype(np.uint8)), parameters.astype(np.uint8), offsets
 
 
-def decode(stream, parameters, lengths):
-    """The integers `encode` coded into `stream`, given its groups' parameters and lengths."""
+def decode(stream, parameters, lengths, classes=None, offsets=None):
+    """The integers `encode` coded into `stream`, given its groups' parameters and lengths, and, if it was
+    coded with classes, each entry's class and the classes' offsets."""
     parameters, lengths = np.asarray(parameters), np.asarray(lengths, np.int64)
     if parameters.dtype.kind not in "iu" or ((parameters < 0) | (parameters > MAX_PARAMETER)).any():
         raise ESMIndexError(f"Rice code: parameters outside 0..{MAX_PARAMETER}")
-    parameters = parameters.astype(np.int64)
-    k = np.repeat(parameters, lengths)
+    shift = 0
+    if offsets is not None:
+        offsets = np.asarray(offsets)
+        if offsets.dtype.kind != "i" or (np.abs(offsets) > MAX_OFFSET).any():
+            raise ESMIndexError(f"Rice code: class offsets outside -{MAX_OFFSET}..{MAX_OFFSET}")
+        if classes.max(initial=-1) >= len(offsets):
+            raise ESMIndexError(f"Rice code: {len(offsets)} class offsets for {classes.max() + 1} classes")
+        shift = offsets.astype(np.int64)[classes]
+    k = _entry_parameters(parameters.astype(np.int64), lengths, shift)
     bits = np.unpackbits(np.asarray(stream, np.uint8))
     ends = np.flatnonzero(bits[: max(len(bits) - k.sum(), 0)] == 0)[: len(k)]  # no unary end among the low bits
     low_start = ends[-1] + 1 if len(ends) else 0
     if len(ends) < len(k) or low_start + k.sum() > len(bits):
         raise ESMIndexError(f"Rice code: the stream of {len(bits)} bits is too short for {len(k)} entries")
     u = (np.diff(ends, prepend=-1) - 1) << k
-    for width in np.unique(parameters):
+    for width in np.unique(k):
         entries = np.flatnonzero(k == width)
         block = bits[low_start : low_start + len(entries) * width].reshape(len(entries), width)
         low_start += block.size
         u[entries] += sum(block[:, bit].astype(np.int64) << bit for bit in range(width))
     return (u >> 1) ^ -(u & 1)  # zigzag undone
+
+
+def _entry_parameters(parameters, lengths, shift):
+    return np.clip(np.repeat(parameters, lengths) + shift, 0, MAX_PARAMETER)
+
+
+def _coded_bits(u, k):
+    """Bits of each entry's Rice code with parameter k: its unary part, its end, its low bits."""
+    return (u >> k) + 1 + k
+
+
+def _best_parameters(u, starts, shift):
+    """The groups' parameters of the shortest stream, each entry's k its group's parameter + `shift`."""
+    candidates = np.arange(MAX_PARAMETER + 1)
+    sizes = np.stack([np.add.reduceat(_coded_bits(u, np.clip(k + shift, 0, MAX_PARAMETER)), starts)
+                      for k in candidates], 1)
+    return sizes.argmin(1)
+
+
+def _best_offsets(u, entry_parameters, classes, count):
+    """The classes' offsets of the shortest stream, given each entry's group parameter."""
+    candidates = np.arange(-MAX_OFFSET, MAX_OFFSET + 1)
+    sizes = np.stack([np.bincount(classes, _coded_bits(u, np.clip(entry_parameters + offset, 0, MAX_PARAMETER)),
+                                  count) for offset in candidates], 1)
+    sizes[:, MAX_OFFSET] -= 0.5  # ties keep offset 0
+    return candidates[sizes.argmin(1)]

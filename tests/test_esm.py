@@ -7,7 +7,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 from typer.testing import CliRunner
 
-from esm_index import ESMIndex, ESMIndexError
+from esm_index import ESMIndex, ESMIndexError, rice
 from esm_index.cli import app
 from esm_index.data import read_task
 from esm_index.esm import ESM, ESMFitConfig, check_storage, quantise_rows, rice_arrays
@@ -147,25 +147,47 @@ def test_integer_forms_keep_each_row_to_half_a_step(form, top):
 
 
 @pytest.mark.parametrize("form, golden, decoded", [
-    ("triangular-int10", {"esm.r_rice": "e25fb37fbff5a0", "esm.r_rice_k": "0809", "esm.r_step": "6f638f3b68be483b"},
+    ("triangular-int10", {"esm.r_rice": "9467fefeffd680", "esm.r_rice_k": "0709", "esm.r_rice_c": "020000",
+                          "esm.r_step": "6f638f3b68be483b"},
      [[-2.236068, 0.2231692, -0.5601110], [0, 1.5652477, -0.5574855]]),
-    ("triangular-int9", {"esm.r_rice": "e25f2dfdfeb4", "esm.r_rice_k": "0708", "esm.r_step": "68ab0f3c2c23c93b"},
-     [[-2.236068, 0.2279912, -0.5612092], [0, 1.5652477, -0.5585786]])])
+    ("triangular-int9", {"esm.r_rice": "942ffbf7fad0", "esm.r_rice_k": "0608", "esm.r_rice_c": "020000",
+                         "esm.r_step": "68ab0f3c2c23c93b"},
+     [[-2.236068, 0.2279912, -0.5612092], [0, 1.5652477, -0.5585786]]),
+    # written before the columns' offsets existed: every offset 0
+    ("before column offsets", {"esm.r_rice": "e25fb37fbff5a0", "esm.r_rice_k": "0809", "esm.r_step": "6f638f3b68be483b"},
+     [[-2.236068, 0.2231692, -0.5601110], [0, 1.5652477, -0.5574855]])])
 def test_integer_forms_keep_zero_rows_and_a_fixed_format(form, golden, decoded):
     """A map of one nonzero row: every row of R but the first is exactly zero, kept with step 1 and no
     error. The bytes of a 2-d record are pinned: indexes on disk must decode the same tomorrow."""
+    dtypes = {"esm.r_step": np.float32, "esm.r_rice_c": np.int8}
+    stored = ESM.from_arrays({key: np.frombuffer(bytes.fromhex(value), dtypes.get(key, np.uint8))
+                              for key, value in golden.items()})
+    np.testing.assert_allclose(np.hstack([stored.weight, stored.bias[:, None]]), decoded, rtol=1e-6)
+    if form not in INTEGER_FORMS:
+        return
+    esm = ESM(np.array([[2.0, 0.5], [-1.0, 1.5]]), np.array([0.25, -0.75]))
+    assert {key: array.tobytes().hex() for key, array in esm.to_arrays(form).items()} == golden
     weight = np.zeros((6, 6))
     weight[0] = np.arange(1.0, 7.0)
-    esm = ESM(weight, np.eye(6)[0])
-    arrays = esm.to_arrays(form)
+    arrays = ESM(weight, np.eye(6)[0]).to_arrays(form)
     assert (arrays["esm.r_step"][1:] == 1).all()
     stored = ESM.from_arrays(arrays)
     assert np.abs(stored.weight[1:]).max() == 0 and np.abs(stored.bias[1:]).max() == 0
-    esm = ESM(np.array([[2.0, 0.5], [-1.0, 1.5]]), np.array([0.25, -0.75]))
-    assert {key: array.tobytes().hex() for key, array in esm.to_arrays(form).items()} == golden
-    stored = ESM.from_arrays({key: np.frombuffer(bytes.fromhex(value), np.float32 if key == "esm.r_step" else np.uint8)
-                              for key, value in golden.items()})
-    np.testing.assert_allclose(np.hstack([stored.weight, stored.bias[:, None]]), decoded, rtol=1e-6)
+
+
+def test_column_offsets_shorten_the_record_where_columns_differ_in_scale():
+    """Input dimensions the map weighs ten times more give larger entries down their whole columns: their own
+    Rice offsets code them without lengthening every row's code."""
+    esm = random_esm(64, 6)
+    esm.weight[:, [50, 55, 60]] *= 10
+    arrays = esm.to_arrays("triangular-int10")
+    before = {key: array for key, array in arrays.items() if key != "esm.r_rice_c"}
+    before["esm.r_rice"], before["esm.r_rice_k"], _ = rice.encode(
+        rice.decode(arrays["esm.r_rice"], arrays["esm.r_rice_k"], np.arange(65, 1, -1),
+                    np.nonzero(np.triu(np.ones((64, 65))))[1], arrays["esm.r_rice_c"]), np.arange(65, 1, -1))
+    assert (arrays["esm.r_rice_c"][[50, 55, 60]] >= 2).all()
+    assert arrays["esm.r_rice"].nbytes + arrays["esm.r_rice_c"].nbytes < 0.98 * before["esm.r_rice"].nbytes
+    np.testing.assert_array_equal(ESM.from_arrays(arrays).weight, ESM.from_arrays(before).weight)
 
 
 @pytest.mark.parametrize("form", INTEGER_FORMS)
@@ -186,6 +208,15 @@ def test_a_damaged_integer_record_is_refused(form):
     lowered[2] -= 1
     with pytest.raises(ESMIndexError, match="damaged|too short"):
         ESM.from_arrays({**arrays, "esm.r_rice_k": lowered})
+    for column, offset in ((0, 1), (5, 3)):
+        raised = arrays["esm.r_rice_c"].copy()
+        raised[column] += offset
+        with pytest.raises(ESMIndexError, match="damaged|too short"):
+            ESM.from_arrays({**arrays, "esm.r_rice_c": raised})
+    with pytest.raises(ESMIndexError, match=r"16 rows and column offsets of shape \(16,\)"):
+        ESM.from_arrays({**arrays, "esm.r_rice_c": arrays["esm.r_rice_c"][:-1]})
+    with pytest.raises(ESMIndexError, match="class offsets outside -8..8"):
+        ESM.from_arrays({**arrays, "esm.r_rice_c": np.full(17, 9, np.int8)})
 
 
 def test_an_integer_record_mixing_the_forms_scales_is_refused():
@@ -226,8 +257,8 @@ def test_triangular_forms_keep_the_ranking_of_the_built_index(form, built_index,
 
 
 @pytest.mark.parametrize("form, keys", [("triangular-float16", {"esm.r"}),
-                                         ("triangular-int10", {"esm.r_rice", "esm.r_rice_k", "esm.r_step"}),
-                                         ("triangular-int9", {"esm.r_rice", "esm.r_rice_k", "esm.r_step"})])
+                                         ("triangular-int10", {"esm.r_rice", "esm.r_rice_k", "esm.r_rice_c", "esm.r_step"}),
+                                         ("triangular-int9", {"esm.r_rice", "esm.r_rice_k", "esm.r_rice_c", "esm.r_step"})])
 def test_sources_added_from_texts_are_stored_in_the_index_form(form, keys, tiny_model, tasks, tmp_path):
     with ESMIndex.create(tmp_path / "tri", base_model=str(tiny_model), storage=form) as index:
         index.add_source("af", tasks["animals-food"], finetuned=str(tiny_model))

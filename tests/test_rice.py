@@ -6,11 +6,11 @@ import pytest
 from esm_index import ESMIndexError, rice
 
 
-def round_trip(values, lengths):
-    stream, parameters = rice.encode(values, lengths)
-    decoded = rice.decode(stream, parameters, lengths)
+def round_trip(values, lengths, classes=None):
+    stream, parameters, offsets = rice.encode(values, lengths, classes)
+    decoded = rice.decode(stream, parameters, lengths, classes, offsets)
     np.testing.assert_array_equal(decoded, values)
-    return stream, parameters
+    return stream, parameters, offsets
 
 
 @pytest.mark.parametrize("values, lengths", [
@@ -28,7 +28,7 @@ def test_groups_of_different_scales_get_their_own_parameter_and_code_near_the_en
     rng = np.random.default_rng(0)
     scales, lengths = [1, 3, 30, 300], [4000, 3000, 2000, 1000]
     values = np.concatenate([np.round(rng.laplace(0, s, n)) for s, n in zip(scales, lengths)]).astype(np.int64)
-    stream, parameters = round_trip(values, lengths)
+    stream, parameters, _ = round_trip(values, lengths)
     assert list(parameters) == sorted(parameters) and parameters[0] < parameters[-1]
     entropy = 0.0  # bits an ideal coder that knows each group's distribution (rounded Laplace) would take
     for scale, n in zip(scales, lengths):
@@ -42,8 +42,8 @@ def test_groups_of_different_scales_get_their_own_parameter_and_code_near_the_en
 def test_the_stream_format_is_fixed():
     """Indexes on disk hold these streams: bit order, group order and layout must not drift."""
     values, lengths = [0, -1, 1, 5, -7, 2, 0, 0, 3, 40], [4, 3, 2, 1]
-    stream, parameters = rice.encode(values, lengths)
-    assert stream.tobytes().hex() == "2fba3b210040" and parameters.tolist() == [1, 2, 1, 5]
+    stream, parameters, offsets = rice.encode(values, lengths)
+    assert stream.tobytes().hex() == "2fba3b210040" and parameters.tolist() == [1, 2, 1, 5] and offsets is None
     np.testing.assert_array_equal(rice.decode(np.frombuffer(bytes.fromhex("2fba3b210040"), np.uint8),
                                               np.array([1, 2, 1, 5], np.uint8), lengths), values)
 
@@ -59,6 +59,31 @@ def test_bad_inputs_are_refused():
         rice.encode([1.7], [1])
     with pytest.raises(ESMIndexError, match="parameters outside 0..24"):
         rice.decode(*rice.encode([1, 2], [2])[:1], np.array([25], np.uint8), [2])
-    stream, parameters = rice.encode(np.arange(-50, 50), [100])
+    stream, parameters, _ = rice.encode(np.arange(-50, 50), [100])
     with pytest.raises(ESMIndexError, match="too short for 100 entries"):
         rice.decode(stream[: len(stream) // 2], parameters, [100])
+    stream, parameters, offsets = rice.encode(np.arange(-50, 50), [50, 50], np.arange(100) % 10)
+    with pytest.raises(ESMIndexError, match="class offsets outside -8..8"):
+        rice.decode(stream, parameters, [50, 50], np.arange(100) % 10, np.full(10, -9, np.int8))
+    with pytest.raises(ESMIndexError, match="9 class offsets for 10 classes"):
+        rice.decode(stream, parameters, [50, 50], np.arange(100) % 10, offsets[:-1])
+
+
+def test_classes_of_another_scale_get_their_own_offset_and_never_lengthen_the_stream():
+    """Rows (groups) whose entries share column scales (classes): one column 30 times wider than the rest,
+    one always zero. Each gets an offset to its rows' parameters; the stream is shorter than with rows'
+    parameters alone, which data without such columns keeps (every offset 0, the same stream)."""
+    rng = np.random.default_rng(1)
+    rows, columns = 200, 50
+    scales = np.ones(columns)
+    scales[3], scales[17] = 30, 0
+    values = np.round(rng.laplace(0, 4 * scales, (rows, columns))).astype(np.int64).ravel()
+    classes = np.tile(np.arange(columns), rows)
+    lengths = [columns] * rows
+    stream, _, offsets = round_trip(values, lengths, classes)
+    plain, _, _ = rice.encode(values, lengths)
+    assert offsets[3] >= 4 and offsets[17] < 0 and (np.abs(np.delete(offsets, [3, 17])) <= 1).all()
+    assert len(stream) + len(offsets) < 0.93 * len(plain)
+    values = np.round(rng.laplace(0, 4, rows * columns)).astype(np.int64)
+    stream, parameters, offsets = round_trip(values, lengths, classes)
+    assert len(stream) <= len(rice.encode(values, lengths)[0])
