@@ -154,7 +154,8 @@ def test_integer_forms_keep_each_row_to_half_a_step(form, top):
                          "esm.r_step": "68ab0f3c2c23c93b"},
      [[-2.236068, 0.2279912, -0.5612092], [0, 1.5652477, -0.5585786]]),
     # written before the columns' offsets existed: every offset 0
-    ("before column offsets", {"esm.r_rice": "e25fb37fbff5a0", "esm.r_rice_k": "0809", "esm.r_step": "6f638f3b68be483b"},
+    ("before column offsets", {"esm.r_rice": "e25fb37fbff5a0", "esm.r_rice_k": "0809",
+                               "esm.r_step": "6f638f3b68be483b"},
      [[-2.236068, 0.2231692, -0.5601110], [0, 1.5652477, -0.5574855]])])
 def test_integer_forms_keep_zero_rows_and_a_fixed_format(form, golden, decoded):
     """A map of one nonzero row: every row of R but the first is exactly zero, kept with step 1 and no
@@ -256,9 +257,11 @@ def test_triangular_forms_keep_the_ranking_of_the_built_index(form, built_index,
     np.testing.assert_allclose([r.score for r in ranking], [exact[r.source] for r in ranking], atol=1e-3)
 
 
-@pytest.mark.parametrize("form, keys", [("triangular-float16", {"esm.r"}),
-                                         ("triangular-int10", {"esm.r_rice", "esm.r_rice_k", "esm.r_rice_c", "esm.r_step"}),
-                                         ("triangular-int9", {"esm.r_rice", "esm.r_rice_k", "esm.r_rice_c", "esm.r_step"})])
+INTEGER_KEYS = {"esm.r_rice", "esm.r_rice_k", "esm.r_rice_c", "esm.r_step"}
+
+
+@pytest.mark.parametrize("form, keys", [("triangular-float16", {"esm.r"}), ("triangular-int10", INTEGER_KEYS),
+                                         ("triangular-int9", INTEGER_KEYS)])
 def test_sources_added_from_texts_are_stored_in_the_index_form(form, keys, tiny_model, tasks, tmp_path):
     with ESMIndex.create(tmp_path / "tri", base_model=str(tiny_model), storage=form) as index:
         index.add_source("af", tasks["animals-food"], finetuned=str(tiny_model))
