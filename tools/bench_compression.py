@@ -34,6 +34,7 @@ coded forms (Rice, lzma) it is an estimate (bits per entry measured at the pool'
 
     python tools/bench_compression.py indexes/default [--bits 8 9 10 11] [--steps 0.005 0.01] [--ranks 16 64 128]
         [--realisations 10]
+    python tools/bench_compression.py data/index768_3ep --sizes-only    # bytes per source alone, any pool size
 
 Run from the repository root (the default --tasks and --cache are relative to it).
 """
@@ -216,6 +217,8 @@ def main():
                         help="resamples of each target's examples for LogME's own noise (0: skip)")
     parser.add_argument("--realisations", type=int, default=10, help="dithered encodings of each rounding form")
     parser.add_argument("--threads", type=int, default=2, help="torch, faiss and BLAS threads")
+    parser.add_argument("--sizes-only", action="store_true",
+                        help="only the bytes per source of the index's forms (a pool of any size, no targets)")
     args = parser.parse_args()
     if any(not 2 <= bits <= 24 for bits in args.bits):
         parser.error("--bits: each between 2 and 24 (the Rice coder's range)")
@@ -228,11 +231,19 @@ def main():
                 raise SystemExit(f"{args.real}: ESMs stored as {index.meta['storage']}; the reference must be float32")
     _, W, b, base_model = load_real(args.real)
     exact = [ESM(w, c) for w, c in zip(W, b)]
+    d, float32_bytes = exact[0].dim, exact[0].dim * (exact[0].dim + 1) * 4
+    if args.sizes_only:
+        print(f"{len(exact)} real ESMs (d={d})\n"
+              "| form | bytes/source | % of float32 | smallest source | largest source |\n|---|---|---|---|---|")
+        for form in STORAGE_FORMS:
+            sizes = np.array(stored(form)(exact)[1]) / float32_bytes
+            print(f"| {form} | {sizes.mean() * float32_bytes:,.0f} | {100 * sizes.mean():.2f}% "
+                  f"| {100 * sizes.min():.2f}% | {100 * sizes.max():.2f}% |")
+        return
     data = targets(args.tasks, args.cache / "targets", base_model)
     stats = {t: TargetStats.from_embeddings(X, labels) for t, (X, labels) in data.items()}
     reference = {t: scores(exact, s) for t, s in stats.items()}
     boundary = [np.sort(r)[::-1][TOP - 1] - np.sort(r)[::-1][TOP] for r in reference.values()]
-    d, float32_bytes = exact[0].dim, exact[0].dim * (exact[0].dim + 1) * 4
     print(f"{len(exact)} real ESMs (d={d}) x {len(stats)} targets, {args.threads} threads; gap between the "
           f"{TOP}th and {TOP + 1}th score: smallest {min(boundary):.5f}, median {np.median(boundary):.5f}")
     if args.bootstrap:
