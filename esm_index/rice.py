@@ -42,9 +42,10 @@ def encode(values, lengths, classes=None):
     offsets = None
     if classes is not None:
         classes = np.asarray(classes, np.int64)
-        offsets = np.zeros(classes.max(initial=-1) + 1, np.int64)
+        if classes.shape != u.shape or (classes < 0).any():
+            raise ESMIndexError(f"Rice code: classes of shape {classes.shape} (from 0) for {len(u)} values")
         for _ in range(ROUNDS):
-            offsets = _best_offsets(u, np.repeat(parameters, lengths), classes, len(offsets))
+            offsets = _best_offsets(u, np.repeat(parameters, lengths), classes)
             shift = offsets[classes]
             parameters = _best_parameters(u, starts, shift)
         offsets = offsets.astype(np.int8)
@@ -102,10 +103,10 @@ def _best_parameters(u, starts, shift):
     return sizes.argmin(1)
 
 
-def _best_offsets(u, entry_parameters, classes, count):
+def _best_offsets(u, entry_parameters, classes):
     """The classes' offsets of the shortest stream, given each entry's group parameter."""
     candidates = np.arange(-MAX_OFFSET, MAX_OFFSET + 1)
-    sizes = np.stack([np.bincount(classes, _coded_bits(u, np.clip(entry_parameters + offset, 0, MAX_PARAMETER)),
-                                  count) for offset in candidates], 1)
+    sizes = np.stack([np.bincount(classes, _coded_bits(u, np.clip(entry_parameters + offset, 0, MAX_PARAMETER)))
+                      for offset in candidates], 1)
     sizes[:, MAX_OFFSET] -= 0.5  # ties keep offset 0
     return candidates[sizes.argmin(1)]

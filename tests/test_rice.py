@@ -65,6 +65,8 @@ def test_bad_inputs_are_refused():
     stream, parameters, offsets = rice.encode(np.arange(-50, 50), [50, 50], np.arange(100) % 10)
     with pytest.raises(ESMIndexError, match="class offsets outside -8..8"):
         rice.decode(stream, parameters, [50, 50], np.arange(100) % 10, np.full(10, -9, np.int8))
+    with pytest.raises(ESMIndexError, match=r"classes of shape \(99,\) \(from 0\) for 100 values"):
+        rice.encode(np.arange(-50, 50), [50, 50], np.arange(99) % 10)
     with pytest.raises(ESMIndexError, match="9 class offsets for 10 classes"):
         rice.decode(stream, parameters, [50, 50], np.arange(100) % 10, offsets[:-1])
 
