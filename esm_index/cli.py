@@ -85,8 +85,8 @@ def init(
     pooling: Optional[str] = typer.Option(None, help="mean | pooler | cls (default: by model kind)."),
     storage: str = typer.Option("float32", help="How records keep each ESM: float32 | triangular-float16 (R of "
                                                 "[W, b] = QR in float16: a quarter of the bytes) | triangular-int10 "
-                                                "(R in 10-bit steps, Rice-coded: an eighth) | triangular-int9 "
-                                                "(9-bit steps: a tenth); the same top 5 on every pool measured."),
+                                                "(R in 10-bit steps, Rice-coded: 11-13%) | triangular-int9 "
+                                                "(9-bit steps: 9-11%); the same top 5 on every pool measured."),
 ):
     """Create an empty index for one base model."""
     from .index import ESMIndex
