@@ -96,8 +96,11 @@ def _coded_bits(u, k):
 
 
 def _best_parameters(u, starts, shift):
-    """The groups' parameters of the shortest stream, each entry's k its group's parameter + `shift`."""
-    candidates = np.arange(MAX_PARAMETER + 1)
+    """The groups' parameters of the shortest stream, each entry's k its group's parameter + `shift`. A
+    parameter that leaves every entry's k at or above the bit length of the largest u codes every unary
+    part as one bit, and a larger one only adds low bits: no candidate beyond it can be shorter."""
+    enough = int(u.max(initial=0)).bit_length() - int(shift.min(initial=0))
+    candidates = np.arange(min(MAX_PARAMETER, max(enough, 0)) + 1)
     sizes = np.stack([np.add.reduceat(_coded_bits(u, np.clip(k + shift, 0, MAX_PARAMETER)), starts)
                       for k in candidates], 1)
     return sizes.argmin(1)
