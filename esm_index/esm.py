@@ -281,11 +281,13 @@ def quantise_rows(R, bits, offset=0.0):
 
 def rice_arrays(codes, steps):
     """The record arrays of an integer form for the integer codes of R and their rows' steps: the codes of
-    R's upper trapezoid Rice-coded, each row's Rice parameter, each column's offset to it (a column is an
-    input dimension, which the map may weigh more or less in every row), each row's step."""
+    R's upper trapezoid Rice-coded, each row's Rice parameter, each column's offset to it where they pay
+    for their bytes (a column is an input dimension, which the map may weigh more or less in every row),
+    each row's step."""
     mask = _trapezoid(len(steps))
     stream, parameters, offsets = rice.encode(codes[mask], mask.sum(1), _trapezoid_columns(len(steps)))
-    return {"esm.r_rice": stream, "esm.r_rice_k": parameters, "esm.r_rice_c": offsets, "esm.r_step": steps}
+    arrays = {"esm.r_rice": stream, "esm.r_rice_k": parameters, "esm.r_step": steps}
+    return arrays if offsets is None else {**arrays, "esm.r_rice_c": offsets}
 
 
 def _decode_rice(arrays):
@@ -293,7 +295,8 @@ def _decode_rice(arrays):
     gives every row a largest code of 0 or its form's scale (511 or 255), one scale for all rows. Damage
     to the unary parts, the parameters or the offsets shifts every later entry and breaks this, so it is
     refused; a flipped low bit changes one entry, by under 2^k steps (k its Rice parameter), and is not
-    seen. Records written before the columns' offsets existed have none: every offset 0."""
+    seen. Records without column offsets (written before they existed, or where they would not pay) decode
+    with every offset 0."""
     steps, parameters = arrays["esm.r_step"], arrays["esm.r_rice_k"]
     offsets = arrays.get("esm.r_rice_c")
     if steps.ndim != 1 or not len(steps) or parameters.shape != steps.shape:

@@ -7,7 +7,8 @@ codes (BENCHMARKS.md, "Compact storage").
 The entries come in groups (an ESM's rows), each with its own parameter k, chosen to minimise its length.
 Entries may also belong to classes (an ESM's columns: an input dimension the map weighs more needs larger
 entries in every row), each with an offset added to the k of its entries, chosen with the groups'
-parameters by alternating exact minimisation, each step never lengthening the stream.
+parameters by alternating exact minimisation (each step never lengthens the stream) and kept only where
+they save more than their own bytes.
 The stream keeps all unary parts first, then the low bits, those of the entries with the smallest k first,
 so that both decode in whole-array steps: the unary parts end at their n-th zero bit, and the low bits of
 the entries that share a k form one (entries, k) bit matrix.
@@ -25,7 +26,7 @@ ROUNDS = 2  # of choosing the classes' offsets, then the groups' parameters agai
 def encode(values, lengths, classes=None):
     """(stream, parameters, offsets): `values` (integers, consecutive groups of `lengths` entries) as one
     uint8 stream, each group's parameter k as uint8, and, given each entry's class (integers from 0), each
-    class's offset to k as int8 (None without classes)."""
+    class's offset to k as int8: None without classes, or where the offsets would not pay for their bytes."""
     if np.asarray(values).dtype.kind not in "iub":
         raise ESMIndexError(f"Rice code: values of dtype {np.asarray(values).dtype}, not integers")
     values, lengths = np.asarray(values, np.int64), np.asarray(lengths, np.int64)
@@ -38,22 +39,24 @@ def encode(values, lengths, classes=None):
         raise ESMIndexError(f"Rice code: a value of magnitude {np.abs(values).max()} is out of range")
     starts = np.cumsum(lengths) - lengths
     shift = np.zeros(len(u), np.int64)  # each entry's class offset
-    parameters = _best_parameters(u, starts, shift)
+    parameters, size = _best_parameters(u, starts, shift)
     offsets = None
     if classes is not None:
-        classes = np.asarray(classes, np.int64)
-        if classes.shape != u.shape or (classes < 0).any():
-            raise ESMIndexError(f"Rice code: classes of shape {classes.shape} (from 0) for {len(u)} values")
+        classes = _checked_classes(classes, len(u))
+        chosen, shifted = parameters, shift
         for _ in range(ROUNDS):
-            offsets = _best_offsets(u, np.repeat(parameters, lengths), classes)
-            shift = offsets[classes]
-            parameters = _best_parameters(u, starts, shift)
-        offsets = offsets.astype(np.int8)
+            offsets = _best_offsets(u, np.repeat(chosen, lengths), classes)
+            shifted = offsets[classes]
+            chosen, shifted_size = _best_parameters(u, starts, shifted)
+        if shifted_size + 8 * len(offsets) < size:  # the offsets pay for their own bytes
+            parameters, shift, offsets = chosen, shifted, offsets.astype(np.int8)
+        else:
+            offsets = None
     k = _entry_parameters(parameters, lengths, shift)
     high = u >> k
     unary = np.ones(high.sum() + len(u), np.uint8)
     unary[np.cumsum(high + 1) - 1] = 0
-    low = [(u[k == width, None] >> np.arange(width) & 1).ravel() for width in np.unique(k)]
+    low = [(u[k == width, None] >> np.arange(width) & 1).ravel() for width in _widths(k)]
     return np.packbits(np.concatenate([unary, *low]).astype(np.uint8)), parameters.astype(np.uint8), offsets
 
 
@@ -66,8 +69,11 @@ def decode(stream, parameters, lengths, classes=None, offsets=None):
     shift = 0
     if offsets is not None:
         offsets = np.asarray(offsets)
-        if offsets.dtype.kind != "i" or (np.abs(offsets) > MAX_OFFSET).any():
+        if offsets.dtype.kind != "i":
+            raise ESMIndexError(f"Rice code: class offsets of dtype {offsets.dtype}, not signed integers")
+        if ((offsets < -MAX_OFFSET) | (offsets > MAX_OFFSET)).any():
             raise ESMIndexError(f"Rice code: class offsets outside -{MAX_OFFSET}..{MAX_OFFSET}")
+        classes = _checked_classes(classes, lengths.sum())
         if classes.max(initial=-1) >= len(offsets):
             raise ESMIndexError(f"Rice code: {len(offsets)} class offsets for {classes.max() + 1} classes")
         shift = offsets.astype(np.int64)[classes]
@@ -78,7 +84,7 @@ def decode(stream, parameters, lengths, classes=None, offsets=None):
     if len(ends) < len(k) or low_start + k.sum() > len(bits):
         raise ESMIndexError(f"Rice code: the stream of {len(bits)} bits is too short for {len(k)} entries")
     u = (np.diff(ends, prepend=-1) - 1) << k
-    for width in np.unique(k):
+    for width in _widths(k):
         entries = np.flatnonzero(k == width)
         block = bits[low_start : low_start + len(entries) * width].reshape(len(entries), width)
         low_start += block.size
@@ -86,8 +92,20 @@ def decode(stream, parameters, lengths, classes=None, offsets=None):
     return (u >> 1) ^ -(u & 1)  # zigzag undone
 
 
+def _checked_classes(classes, count):
+    classes = np.asarray(classes if classes is not None else [], np.int64)
+    if classes.shape != (count,) or (classes < 0).any():
+        raise ESMIndexError(f"Rice code: classes of shape {classes.shape} (from 0) for {count} values")
+    return classes
+
+
 def _entry_parameters(parameters, lengths, shift):
     return np.clip(np.repeat(parameters, lengths) + shift, 0, MAX_PARAMETER)
+
+
+def _widths(k):
+    """The distinct parameters among the entries, smallest first (a count, not a sort: k is small)."""
+    return np.flatnonzero(np.bincount(k, minlength=MAX_PARAMETER + 1))
 
 
 def _coded_bits(u, k):
@@ -96,14 +114,15 @@ def _coded_bits(u, k):
 
 
 def _best_parameters(u, starts, shift):
-    """The groups' parameters of the shortest stream, each entry's k its group's parameter + `shift`. A
-    parameter that leaves every entry's k at or above the bit length of the largest u codes every unary
-    part as one bit, and a larger one only adds low bits: no candidate beyond it can be shorter."""
+    """(parameters, bits): the groups' parameters of the shortest stream, each entry's k its group's
+    parameter + `shift`, and that stream's length in bits. A parameter that leaves every entry's k at or
+    above the bit length of the largest u codes every unary part as one bit, and a larger one only adds
+    low bits: no candidate beyond it can be shorter."""
     enough = int(u.max(initial=0)).bit_length() - int(shift.min(initial=0))
     candidates = np.arange(min(MAX_PARAMETER, max(enough, 0)) + 1)
     sizes = np.stack([np.add.reduceat(_coded_bits(u, np.clip(k + shift, 0, MAX_PARAMETER)), starts)
                       for k in candidates], 1)
-    return sizes.argmin(1)
+    return sizes.argmin(1), int(sizes.min(1).sum())
 
 
 def _best_offsets(u, entry_parameters, classes):
