@@ -100,7 +100,11 @@ def _checked_classes(classes, count):
 
 
 def _entry_parameters(parameters, lengths, shift):
-    return np.clip(np.repeat(parameters, lengths) + shift, 0, MAX_PARAMETER)
+    return _coded_parameter(np.repeat(parameters, lengths) + shift)
+
+
+def _coded_parameter(k):
+    return np.clip(k, 0, MAX_PARAMETER)
 
 
 def _widths(k):
@@ -120,15 +124,14 @@ def _best_parameters(u, starts, shift):
     low bits: no candidate beyond it can be shorter."""
     enough = int(u.max(initial=0)).bit_length() - int(shift.min(initial=0))
     candidates = np.arange(min(MAX_PARAMETER, max(enough, 0)) + 1)
-    sizes = np.stack([np.add.reduceat(_coded_bits(u, np.clip(k + shift, 0, MAX_PARAMETER)), starts)
-                      for k in candidates], 1)
+    sizes = np.stack([np.add.reduceat(_coded_bits(u, _coded_parameter(k + shift)), starts) for k in candidates], 1)
     return sizes.argmin(1), int(sizes.min(1).sum())
 
 
 def _best_offsets(u, entry_parameters, classes):
     """The classes' offsets of the shortest stream, given each entry's group parameter."""
     candidates = np.arange(-MAX_OFFSET, MAX_OFFSET + 1)
-    sizes = np.stack([np.bincount(classes, _coded_bits(u, np.clip(entry_parameters + offset, 0, MAX_PARAMETER)))
+    sizes = np.stack([np.bincount(classes, _coded_bits(u, _coded_parameter(entry_parameters + offset)))
                       for offset in candidates], 1)
     sizes[:, MAX_OFFSET] -= 0.5  # ties keep offset 0
     return candidates[sizes.argmin(1)]
