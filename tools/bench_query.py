@@ -23,6 +23,8 @@ its docstring). For each pool size N, in a fresh process (so peak memory is that
              taken from the scan), and ", first pass" the FAISS top K alone.
   lmdb       for N <= --index-max, the same pool written to a real index (ESMs in the --storage form)
              and queried end to end with ESMIndex.query_embeddings (LMDB reads and all): p50 of its total.
+             The index is kept under --cache and reused: delete its folder (index-FORM) after a change to
+             how that form encodes, or the run measures the old records.
 
     python tools/bench_query.py indexes/default --sizes 1000 10000 100000 [--scan-targets 4] [--json out.json]
     python tools/bench_query.py REAL --sizes 1000 --quick     # 2 targets, 1 repeat: a smoke run
