@@ -21,9 +21,11 @@ A rounding form can pass on its one set of rounding errors by luck when two sour
 is also encoded --realisations times with seeded subtractive dither (a uniform offset in (-1/2, 1/2) of a
 step added before rounding and taken off after: errors of the same kind and size, drawn afresh); the
 column "accepted, dithered" counts the realisations that pass, and "top-5 loss, dithered" says what the
-swaps they make cost. A storage form is offered when its own rounding is accepted on every pool measured and
-its dithered top-5 loss stays below a tenth of LogME's own sampling spread of the closest target's gap
-(--bootstrap): the sources it swaps are ones the target's own examples cannot tell apart.
+swaps they make cost. A storage form is offered when its own rounding keeps every target's top 5 on every
+pool measured, and rho >= 0.99 on the pools of 20 sources or more (on 8 sources a single swap of two
+neighbours, however close, gives rho = 0.976), and its dithered top-5 loss stays below a tenth of LogME's
+own sampling spread of the closest target's gap (--bootstrap): the sources it swaps are ones the target's
+own examples cannot tell apart.
 For scale, the first lines give the gap between each target's 5th and 6th source and how much that gap
 moves when the target's own examples are resampled (bootstrap): LogME's sampling noise.
 Bytes per source are measured on the pool's maps (the coded forms depend on the map: their mean, and the
