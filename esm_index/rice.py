@@ -43,7 +43,7 @@ def encode(values, lengths, classes=None):
     offsets = None
     if classes is not None:
         classes = _checked_classes(classes, len(u))
-        chosen, shifted = parameters, shift
+        chosen = parameters
         for _ in range(ROUNDS):
             offsets = _best_offsets(u, np.repeat(chosen, lengths), classes)
             shifted = offsets[classes]
