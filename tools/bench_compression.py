@@ -238,9 +238,9 @@ def main():
         print(f"{len(exact)} real ESMs (d={d})\n"
               "| form | bytes/source | % of float32 | smallest source | largest source |\n|---|---|---|---|---|")
         for form in STORAGE_FORMS:
-            sizes = np.array(stored(form)(exact)[1]) / float32_bytes
-            print(f"| {form} | {sizes.mean() * float32_bytes:,.0f} | {100 * sizes.mean():.2f}% "
-                  f"| {100 * sizes.min():.2f}% | {100 * sizes.max():.2f}% |")
+            sizes = np.array(stored(form)(exact)[1])
+            print(f"| {form} | {sizes.mean():,.0f} | {100 * sizes.mean() / float32_bytes:.2f}% "
+                  f"| {100 * sizes.min() / float32_bytes:.2f}% | {100 * sizes.max() / float32_bytes:.2f}% |")
         return
     data = targets(args.tasks, args.cache / "targets", base_model)
     stats = {t: TargetStats.from_embeddings(X, labels) for t, (X, labels) in data.items()}
